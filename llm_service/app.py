@@ -1,0 +1,147 @@
+"""The composition root: `create_app(settings)` builds the service in its lifespan.
+
+Nothing exists before the lifespan starts: the backend, the telemetry, the health probe are
+made there, entered on one `AsyncExitStack` and closed in reverse when the app stops. The
+main app serves `/ws/llm`, `/health` and `/stats`; `create_monitoring_app` serves `/metrics`
+and a liveness `/health` on the monitoring port, reading the same `Service`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from llm_service import __version__
+from llm_service.backends import make_backend
+from llm_service.backends.base import LLMBackend
+from llm_service.config import Settings
+from llm_service.health import EngineHealth
+from llm_service.metrics import Telemetry
+from llm_service.ws import router as ws_router
+
+log = structlog.get_logger("llm_service.app")
+
+
+@dataclass
+class Service:
+    """Everything a request handler needs, built once per app."""
+
+    settings: Settings
+    backend: LLMBackend
+    telemetry: Telemetry
+    health: EngineHealth
+    started_at: float = field(default_factory=time.monotonic)
+
+    async def health_report(self) -> tuple[int, dict[str, Any]]:
+        """`/health`'s status code and body."""
+        engine = await self.health.current()
+        if not engine.reachable:
+            status = "unhealthy"
+        elif engine.model_available is False:
+            status = "degraded"
+        else:
+            status = "healthy"
+        totals = self.telemetry.totals
+        body: dict[str, Any] = {
+            "status": status,
+            "model": self.backend.model,
+            "ollama_connection": engine.reachable if self.backend.name == "ollama" else None,
+            "active_connections": totals.active_connections,
+            "active_sessions": totals.active_sessions,
+            "backend": self.backend.name,
+            "engine": {
+                "reachable": engine.reachable,
+                "detail": engine.detail,
+                "version": engine.version,
+                "model_available": engine.model_available,
+            },
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+        }
+        return (200 if status == "healthy" else 503), body
+
+
+BackendFactory = Callable[[Settings], LLMBackend]
+
+
+def create_app(settings: Settings, backend_factory: BackendFactory = make_backend) -> FastAPI:
+    """The main app: `/ws/llm`, `/health`, `/stats`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            telemetry = Telemetry()
+            backend = backend_factory(settings)
+            stack.push_async_callback(backend.aclose)
+            health = EngineHealth(backend, settings.health_cache_ttl_s, telemetry)
+            stack.push_async_callback(health.aclose)
+            app.state.service = Service(settings, backend, telemetry, health)
+            log.info(
+                "service_ready", backend=backend.name, model=backend.model, port=settings.llm_port
+            )
+            yield
+            log.info("service_stopping")
+
+    app = FastAPI(
+        title="FastTalk LLM service",
+        version=__version__,
+        lifespan=lifespan,
+    )
+    app.include_router(ws_router)
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        code, body = await _service(request).health_report()
+        return JSONResponse(body, status_code=code)
+
+    @app.get("/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        service = _service(request)
+        body = service.telemetry.stats()
+        body["service"] = {
+            "backend": service.backend.name,
+            "model": service.backend.model,
+            "uptime_s": round(time.monotonic() - service.started_at, 1),
+        }
+        return body
+
+    return app
+
+
+def create_monitoring_app(main_app: FastAPI) -> FastAPI:
+    """The monitoring app: `/metrics` and a liveness `/health`, over `main_app`'s service."""
+    app = FastAPI(
+        title="FastTalk LLM service monitoring",
+        version=__version__,
+        openapi_url=None,
+    )
+
+    def service() -> Service:
+        found: Service = main_app.state.service
+        return found
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(
+            generate_latest(service().telemetry.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        _, body = await service().health_report()
+        return body
+
+    return app
+
+
+def _service(request: Request) -> Service:
+    found: Service = request.app.state.service
+    return found

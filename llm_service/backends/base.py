@@ -1,0 +1,85 @@
+"""The seam between conversations and engines: the `LLMBackend` Protocol and its event types.
+
+A backend streams one chat completion as an async iterator of `str` chunks (one per piece of
+text the engine produced, in order) ending with exactly one `StreamEnd` carrying the engine's
+own counters. Everything a backend raises is a `ServiceError` (`errors.py`); nothing
+engine-specific (httpx, llama_cpp) crosses this seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Sampling and length settings for one reply, in engine-neutral names."""
+
+    temperature: float
+    max_tokens: int
+    context_window: int
+    top_p: float
+    top_k: int
+    repeat_penalty: float
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The last item of a stream: the engine's own account of the reply."""
+
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    done_reason: str | None = None
+    engine_tokens_per_second: float | None = None
+    load_ms: float | None = None
+
+
+StreamItem = str | StreamEnd
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """What a cheap probe of the engine found."""
+
+    reachable: bool
+    detail: str
+    version: str | None = None
+    model_available: bool | None = None
+
+
+class LLMBackend(Protocol):
+    """An inference engine the service can stream chat replies from."""
+
+    name: str
+    model: str
+
+    def stream_chat(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncGenerator[StreamItem, None]:
+        """Stream one reply. Closing the iterator stops the generation upstream."""
+        ...
+
+    async def status(self) -> EngineStatus:
+        """Probe the engine cheaply; never raises for an unreachable engine."""
+        ...
+
+    def count_tokens(self, text: str) -> int | None:
+        """Exact token count of `text` when the engine has a local tokenizer, else None."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,235 @@
+"""The Ollama backend: `/api/chat` streamed as NDJSON over httpx.
+
+It maps session parameters onto Ollama's request (`max_tokens` -> `num_predict`, the context
+window -> `num_ctx`, ...), reads the stream a line at a time, and translates every failure
+once, here, into the service's error tree: HTTP status codes before the stream, in-band
+`{"error": ...}` lines and dropped connections during it, and the service's own deadlines for
+the first chunk and for the gap between chunks. Closing the stream closes the HTTP response,
+which is what makes Ollama stop generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from llm_service.backends.base import (
+    ChatMessage,
+    EngineStatus,
+    GenerationParams,
+    StreamEnd,
+    StreamItem,
+)
+from llm_service.errors import (
+    EngineError,
+    ModelNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+_MAX_ERROR_BODY = 64 * 1024
+_PROBE_TIMEOUT_S = 1.0
+
+
+class OllamaBackend:
+    """Streams chat replies from an Ollama server."""
+
+    name = "ollama"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        keep_alive: str = "5m",
+        api_key: str | None = None,
+        connect_timeout: float = 5.0,
+        first_chunk_timeout: float = 120.0,
+        chunk_timeout: float = 30.0,
+        max_connections: int = 64,
+        extra_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url
+        self._keep_alive = _keep_alive_value(keep_alive)
+        self._first_chunk_timeout = first_chunk_timeout
+        self._chunk_timeout = chunk_timeout
+        self._extra_options = dict(extra_options or {})
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # httpx's read timeout is only a backstop: the service's own deadlines, per chunk,
+        # are shorter and give the error its meaning (first chunk vs gap between chunks).
+        backstop = max(first_chunk_timeout, chunk_timeout) + 5.0
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=connect_timeout, read=backstop, write=connect_timeout, pool=connect_timeout
+            ),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def count_tokens(self, text: str) -> int | None:
+        return None
+
+    def request_body(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> dict[str, Any]:
+        """The `/api/chat` request for one reply."""
+        options: dict[str, Any] = {
+            "temperature": params.temperature,
+            "num_predict": params.max_tokens,
+            "num_ctx": params.context_window,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "repeat_penalty": params.repeat_penalty,
+        }
+        for key in ("min_p", "presence_penalty", "frequency_penalty", "seed"):
+            value = getattr(params, key)
+            if value is not None:
+                options[key] = value
+        if params.stop:
+            options["stop"] = list(params.stop)
+        options.update(self._extra_options)
+        return {
+            "model": self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "stream": True,
+            "keep_alive": self._keep_alive,
+            "options": options,
+        }
+
+    async def stream_chat(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncGenerator[StreamItem, None]:
+        body = orjson.dumps(self.request_body(messages, params))
+        headers = {"Content-Type": "application/json"}
+        try:
+            async with asyncio.timeout(self._first_chunk_timeout):
+                request = self._client.build_request(
+                    "POST", "/api/chat", content=body, headers=headers
+                )
+                response = await self._client.send(request, stream=True)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"no answer from Ollama within {self._first_chunk_timeout:g} s"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.base_url) from exc
+        try:
+            if response.status_code != 200:
+                raise await _status_error(response, self.model)
+            async for item in self._read_stream(response):
+                yield item
+        finally:
+            await response.aclose()
+
+    async def _read_stream(self, response: httpx.Response) -> AsyncGenerator[StreamItem, None]:
+        lines = response.aiter_lines()
+        timeout = self._first_chunk_timeout
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    line = await anext(lines)
+            except StopAsyncIteration:
+                raise UpstreamError("Ollama ended the stream without a final 'done' line") from None
+            except TimeoutError as exc:
+                phase = "first chunk" if timeout == self._first_chunk_timeout else "next chunk"
+                raise UpstreamTimeout(f"Ollama sent no {phase} within {timeout:g} s") from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamError(f"connection to Ollama failed mid-reply: {exc!r}") from exc
+            timeout = self._chunk_timeout
+            if not line:
+                continue
+            try:
+                data = orjson.loads(line)
+                if "error" in data:
+                    raise UpstreamError(f"Ollama: {data['error']}")
+                if data.get("done"):
+                    yield _stream_end(data)
+                    return
+                content = data["message"]["content"]
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UpstreamError(f"unreadable line from Ollama: {line[:200]!r}") from exc
+            if content:
+                yield content
+
+    async def status(self) -> EngineStatus:
+        try:
+            version = await self._client.get("/api/version", timeout=_PROBE_TIMEOUT_S)
+            version.raise_for_status()
+            tags = await self._client.get("/api/tags", timeout=_PROBE_TIMEOUT_S)
+            tags.raise_for_status()
+            names = {m.get("name") for m in tags.json().get("models", [])}
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            return EngineStatus(reachable=False, detail=f"Ollama at {self.base_url}: {exc!r}")
+        available = _tagged(self.model) in {_tagged(n) for n in names if isinstance(n, str)}
+        return EngineStatus(
+            reachable=True,
+            detail=f"Ollama at {self.base_url}",
+            version=str(version.json().get("version")),
+            model_available=available,
+        )
+
+
+def _tagged(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def _keep_alive_value(keep_alive: str) -> str | int | float:
+    # Ollama reads a bare number as seconds; as a string it must carry a unit.
+    try:
+        number = float(keep_alive)
+    except ValueError:
+        return keep_alive
+    return int(number) if number.is_integer() else number
+
+
+def _stream_end(data: dict[str, Any]) -> StreamEnd:
+    eval_count = data.get("eval_count")
+    eval_ns = data.get("eval_duration")
+    speed = eval_count / eval_ns * 1e9 if eval_count and eval_ns else None
+    load_ns = data.get("load_duration")
+    return StreamEnd(
+        completion_tokens=eval_count,
+        prompt_tokens=data.get("prompt_eval_count"),
+        done_reason=data.get("done_reason"),
+        engine_tokens_per_second=speed,
+        load_ms=load_ns / 1e6 if load_ns else None,
+    )
+
+
+def _transport_error(exc: httpx.HTTPError, base_url: str) -> EngineError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"Ollama at {base_url} timed out: {type(exc).__name__}")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamUnavailable(f"cannot connect to Ollama at {base_url}")
+    return UpstreamUnavailable(f"Ollama at {base_url} failed: {exc!r}")
+
+
+async def _status_error(response: httpx.Response, model: str) -> EngineError:
+    raw = b""
+    async for part in response.aiter_bytes():
+        raw += part
+        if len(raw) >= _MAX_ERROR_BODY:
+            break
+    try:
+        message = str(orjson.loads(raw).get("error") or "")
+    except (orjson.JSONDecodeError, AttributeError):
+        message = raw[:500].decode(errors="replace").strip()
+    status = response.status_code
+    text = f"Ollama answered {status}: {message or response.reason_phrase}"
+    if status == 404:
+        return ModelNotFound(f"model {model!r} not found in Ollama; pull it first ({message})")
+    if status in (429, 502, 503, 504):
+        return UpstreamUnavailable(text)
+    return UpstreamError(text)

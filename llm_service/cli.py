@@ -1,0 +1,142 @@
+"""The command line: `websocket` runs the service, `test` checks the engine, `config` shows it.
+
+Settings come from the environment and `.env`; command-line options override them. A bad
+setting stops the command with a message naming the variable, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+from typing import Annotated, Any
+
+import typer
+
+from llm_service.backends import make_backend
+from llm_service.backends.base import ChatMessage, GenerationParams, StreamEnd
+from llm_service.config import ConfigError, Settings, load_settings
+from llm_service.errors import ServiceError
+
+cli = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="FastTalk LLM service: WebSocket LLM streaming.",
+)
+
+_TEST_PROMPT = "Say hello in five words."
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@cli.command()
+def websocket(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (LLM_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="WebSocket/HTTP port (LLM_PORT)")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name (LLM_MODEL)")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = None,
+) -> None:
+    """Run the service: /ws/llm, /health and /stats, plus /metrics on the monitoring port."""
+    from llm_service.logs import configure_logging
+    from llm_service.server import StartupFailed, run
+
+    settings = _settings(llm_host=host, llm_port=port, llm_model=model, log_level=log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        run(settings)
+    except StartupFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@cli.command("test")
+def test_engine(
+    model: Annotated[str | None, typer.Option(help="Model name (LLM_MODEL)")] = None,
+) -> None:
+    """Check the engine as an operator would: reachable, version, model, a short generation."""
+    settings = _settings(llm_model=model)
+    ok = asyncio.run(_check_engine(settings))
+    raise typer.Exit(0 if ok else 1)
+
+
+async def _check_engine(settings: Settings) -> bool:
+    backend = make_backend(settings)
+    try:
+        typer.echo(f"engine    {backend.name} ({settings.ollama_base_url})")
+        status = await backend.status()
+        if not status.reachable:
+            return _verdict(False, f"the engine cannot be reached: {status.detail}")
+        typer.echo(f"reachable yes, version {status.version}")
+        if status.model_available is False:
+            return _verdict(
+                False,
+                f"model {backend.model!r} is not present; pull it first "
+                f"(ollama pull {backend.model})",
+            )
+        typer.echo(f"model     {backend.model} present")
+        try:
+            tokens, first_ms, speed = await _short_generation(backend, settings)
+        except ServiceError as exc:
+            return _verdict(False, f"generation failed [{exc.code}]: {exc.message}")
+        typer.echo(
+            f"generate  {tokens} tokens, first after {first_ms:.0f} ms, {speed:.1f} tokens/s"
+        )
+        return _verdict(True, "the engine is ready")
+    finally:
+        await backend.aclose()
+
+
+async def _short_generation(backend: Any, settings: Settings) -> tuple[int, float, float]:
+    params = GenerationParams(
+        temperature=0.0,
+        max_tokens=24,
+        context_window=min(2048, settings.default_context_window),
+        top_p=settings.default_top_p,
+        top_k=settings.default_top_k,
+        repeat_penalty=settings.default_repeat_penalty,
+    )
+    started = time.perf_counter()
+    first: float | None = None
+    frames = 0
+    end = StreamEnd()
+    async with aclosing(backend.stream_chat([ChatMessage("user", _TEST_PROMPT)], params)) as s:
+        async for item in s:
+            if isinstance(item, str):
+                frames += 1
+                first = first or time.perf_counter()
+            else:
+                end = item
+    elapsed = time.perf_counter() - started
+    tokens = end.completion_tokens if end.completion_tokens is not None else frames
+    speed = end.engine_tokens_per_second or (tokens / elapsed if elapsed else 0.0)
+    return tokens, ((first or time.perf_counter()) - started) * 1000, speed
+
+
+def _verdict(ok: bool, message: str) -> bool:
+    typer.echo(f"verdict   {'OK' if ok else 'FAILED'}: {message}", err=not ok)
+    return ok
+
+
+@cli.command()
+def config(
+    show: Annotated[bool, typer.Option("--show", help="Print the effective configuration")] = False,
+) -> None:
+    """Show the effective configuration (environment, .env and defaults), secrets masked."""
+    settings = _settings()
+    if not show:
+        typer.echo("use: config --show")
+        raise typer.Exit(0)
+    shown = settings.shown()
+    width = max(len(name) for name in shown)
+    for name, value in shown.items():
+        typer.echo(f"{name:<{width}}  {value}")
+
+
+def main() -> None:
+    cli()

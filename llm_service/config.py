@@ -1,0 +1,144 @@
+"""Settings: the one place the service reads its environment.
+
+Every setting is an environment variable (or a line of `.env`) whose name is the field name in
+upper case, the seed's names kept exactly (`LLM_MODEL`, `OLLAMA_BASE_URL`, `LLM_PORT`, ...).
+`load_settings()` validates them once at start-up and turns pydantic's report into one message
+per bad variable, named as the operator wrote it. `.env.example` lists them all.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_KEEP_ALIVE = re.compile(r"^-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h)?$|^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+_MASK = "********"
+
+
+class ConfigError(ValueError):
+    """The environment holds a setting the service cannot start with."""
+
+
+class Settings(BaseSettings):
+    """The service's configuration, read from the environment and `.env`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # Engine
+    llm_backend: Literal["ollama"] = "ollama"
+    llm_model: str = Field("llama3.2:1b", min_length=1)
+    ollama_base_url: str = "http://localhost:11434"
+    ollama_keep_alive: str = "5m"
+    ollama_api_key: SecretStr | None = None
+    compute_device: Literal["cuda", "cpu", "mps"] | None = None
+    gpu_device_id: int = Field(0, ge=0)
+    num_threads: int | None = Field(None, ge=1)
+
+    # Upstream timeouts, in seconds
+    llm_connect_timeout_s: float = Field(5.0, gt=0)
+    llm_first_token_timeout_s: float = Field(120.0, gt=0)
+    llm_chunk_timeout_s: float = Field(30.0, gt=0)
+
+    # Server
+    llm_host: str = "0.0.0.0"
+    llm_port: int = Field(8000, ge=0, le=65535)
+    llm_monitoring_port: int = Field(9092, ge=0, le=65535)
+    llm_max_connections: int = Field(50, ge=1)
+    llm_max_message_bytes: int = Field(256 * 1024, ge=1024)
+    llm_ws_compression: bool = False
+    health_cache_ttl_s: float = Field(2.0, ge=0)
+
+    # Generation defaults for a new session
+    default_system_prompt: str = ""
+    default_temperature: float = Field(0.7, ge=0, le=2)
+    default_max_tokens: int = Field(2048, ge=1)
+    default_context_window: int = Field(8192, ge=256)
+    default_top_p: float = Field(0.9, gt=0, le=1)
+    default_top_k: int = Field(40, ge=1)
+    default_repeat_penalty: float = Field(1.1, gt=0)
+
+    # Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("compute_device", "num_threads", "ollama_api_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("ollama_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+    @field_validator("ollama_keep_alive")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if not _KEEP_ALIVE.match(value.strip()):
+            raise ValueError("must be a duration such as 5m, 1h30m, 300 (seconds), -1 or 0")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _reply_fits_window(self) -> Settings:
+        if self.default_max_tokens >= self.default_context_window:
+            raise ValueError(
+                f"DEFAULT_MAX_TOKENS ({self.default_max_tokens}) must be smaller than "
+                f"DEFAULT_CONTEXT_WINDOW ({self.default_context_window}): the prompt needs room"
+            )
+        return self
+
+    def shown(self) -> dict[str, str]:
+        """Every setting as `NAME -> value` for display, secrets and URL passwords masked."""
+        shown: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                text = _MASK
+            elif name.endswith("_url"):
+                text = _mask_url(value)
+            else:
+                text = "" if value is None else str(value)
+            shown[name.upper()] = text
+        return shown
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:{_MASK}@{host}"))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (and `.env`), apply `overrides`, and validate.
+
+    Raises `ConfigError` with one line per offending variable, named in upper case.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"]).upper()
+            given = err.get("input")
+            shown = "" if where == "" or isinstance(given, dict) else f" (got {given!r})"
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where or 'settings'}: {message}{shown}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from exc

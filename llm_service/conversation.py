@@ -1,0 +1,328 @@
+"""Conversations: per-session history, the context budget, and one turn at a time.
+
+A `Conversation` holds the system prompt and the user/assistant turns in order. Each user
+message becomes a `Turn`: the prompt is cut to fit the context window (the oldest whole turns
+go first; the system prompt and the new message always stay, and a message that cannot fit is
+refused with `context_overflow`), the reply is streamed from the backend, and when the turn ends
+the history is updated by one rule: the assistant text stored is exactly the text handed to the
+client. A turn cut short by a cancel, a disconnect or an engine failure keeps the user message
+and the partial reply together, marked `interrupted` or `incomplete`; a turn that produced no
+text at all leaves the history as it was.
+
+Token counts come from the engine where it reports them (`StreamEnd.prompt_tokens`,
+`completion_tokens`, or the backend's own tokenizer); `estimate_tokens` covers text not yet
+counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from llm_service.backends.base import ChatMessage, GenerationParams, LLMBackend, Role, StreamEnd
+from llm_service.config import Settings
+from llm_service.errors import ContextOverflow, InvalidConfig, ServiceError
+from llm_service.metrics import Telemetry
+from llm_service.protocol import ConfigUpdate
+
+# What a chat template adds around each message (role markers, separators), and the header
+# that opens the assistant's reply. Used with estimates and exact counts alike.
+MESSAGE_OVERHEAD = 4
+REPLY_PRIMER = 3
+
+Status = Literal["complete", "interrupted", "incomplete"]
+
+
+def estimate_tokens(text: str) -> int:
+    """A deliberately generous token estimate for text no engine has counted yet.
+
+    About four characters a token for ASCII text; non-ASCII characters (accents, CJK, emoji)
+    cost more bytes and usually more tokens, so each extra UTF-8 byte adds half a token.
+    """
+    chars = len(text)
+    extra_bytes = len(text.encode()) - chars
+    return math.ceil(chars / 4) + (extra_bytes + 1) // 2
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """A session's effective generation settings."""
+
+    system_prompt: str
+    temperature: float
+    max_tokens: int
+    top_p: float
+    top_k: int
+    repeat_penalty: float
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SessionConfig:
+        return cls(
+            system_prompt=settings.default_system_prompt,
+            temperature=settings.default_temperature,
+            max_tokens=settings.default_max_tokens,
+            top_p=settings.default_top_p,
+            top_k=settings.default_top_k,
+            repeat_penalty=settings.default_repeat_penalty,
+        )
+
+    def updated(self, update: ConfigUpdate, context_window: int) -> SessionConfig:
+        """This config with the fields the client set; raises `InvalidConfig` if it cannot work."""
+        changes: dict[str, Any] = {
+            name: value
+            for name, value in update.model_dump(exclude_none=True).items()
+            if name in SessionConfig.__dataclass_fields__
+        }
+        if "stop" in changes:
+            changes["stop"] = tuple(changes["stop"])
+        new = SessionConfig(**{**asdict(self), **changes})
+        if new.max_tokens >= context_window:
+            raise InvalidConfig(
+                f"max_tokens ({new.max_tokens}) must be smaller than the context window "
+                f"({context_window}), which must also hold the prompt"
+            )
+        return new
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["stop"] = list(self.stop)
+        return wire
+
+    def params(self, context_window: int) -> GenerationParams:
+        return GenerationParams(
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            context_window=context_window,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repeat_penalty=self.repeat_penalty,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            stop=self.stop,
+        )
+
+
+@dataclass(slots=True)
+class Entry:
+    """One message of the history, with its token count (template overhead included)."""
+
+    role: Role
+    content: str
+    tokens: int
+    status: Status = "complete"
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.role == "assistant":
+            wire["status"] = self.status
+        return wire
+
+
+@dataclass(slots=True)
+class TurnStats:
+    """The figures of one turn, as sent in `response_complete` and `cancelled`."""
+
+    tokens_generated: int
+    processing_time_ms: float
+    tokens_per_second: float
+    time_to_first_token_ms: float | None
+    prompt_tokens: int
+    history_trimmed_turns: int
+    token_frames: int
+    done_reason: str | None = None
+    engine_tokens_per_second: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        return {
+            k: (round(v, 2) if isinstance(v, float) else v)
+            for k, v in wire.items()
+            if v is not None
+        }
+
+
+class Turn:
+    """One user message and the reply streamed for it."""
+
+    def __init__(
+        self,
+        conversation: Conversation,
+        user: Entry,
+        prompt: list[ChatMessage],
+        prompt_tokens: int,
+        dropped: int,
+    ) -> None:
+        self._conversation = conversation
+        self.user = user
+        self.prompt = prompt
+        self.prompt_tokens = prompt_tokens
+        self.dropped = dropped
+        self.started_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.parts: list[str] = []
+        self.end: StreamEnd | None = None
+        self.finished_at: float | None = None
+
+    async def stream(self) -> AsyncGenerator[str | TurnStats, None]:
+        """Yield the reply's text chunks, then its `TurnStats`; update the history at the end."""
+        conv = self._conversation
+        inter_token = conv.telemetry.inter_token
+        parts = self.parts
+        outcome: Status = "incomplete"
+        try:
+            params = conv.config.params(conv.context_window)
+            async with aclosing(conv.backend.stream_chat(self.prompt, params)) as chunks:
+                last = 0.0
+                async for item in chunks:
+                    if type(item) is str:
+                        now = time.perf_counter()
+                        if last:
+                            inter_token.observe(now - last)
+                        else:
+                            self.first_token_at = now
+                        last = now
+                        parts.append(item)
+                        yield item
+                    elif isinstance(item, StreamEnd):
+                        self.end = item
+            outcome = "complete"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "interrupted"
+            raise
+        except ServiceError as exc:
+            conv.telemetry.upstream_request(exc.code)
+            raise
+        finally:
+            self.finished_at = time.perf_counter()
+            conv._finish(self, outcome)
+        yield self.stats()
+
+    def stats(self) -> TurnStats:
+        end = self.end or StreamEnd()
+        now = self.finished_at or time.perf_counter()
+        elapsed = now - self.started_at
+        frames = len(self.parts)
+        tokens = end.completion_tokens if end.completion_tokens is not None else frames
+        ttft = None if self.first_token_at is None else (self.first_token_at - self.started_at)
+        return TurnStats(
+            tokens_generated=tokens,
+            processing_time_ms=elapsed * 1000,
+            tokens_per_second=tokens / elapsed if elapsed > 0 else 0.0,
+            time_to_first_token_ms=None if ttft is None else ttft * 1000,
+            prompt_tokens=end.prompt_tokens or self.prompt_tokens,
+            history_trimmed_turns=self.dropped // 2,
+            token_frames=frames,
+            done_reason=end.done_reason,
+            engine_tokens_per_second=end.engine_tokens_per_second,
+        )
+
+
+@dataclass
+class Conversation:
+    """One session's history and settings."""
+
+    session_id: str
+    config: SessionConfig
+    backend: LLMBackend
+    context_window: int
+    telemetry: Telemetry
+    system: Entry | None = None
+    entries: list[Entry] = field(default_factory=list)
+    turns: int = 0
+    tokens_generated: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.reset(self.config)
+
+    def reset(self, config: SessionConfig) -> None:
+        """Start afresh with `config`: the system prompt alone in the history."""
+        self.config = config
+        self.entries = []
+        prompt = config.system_prompt
+        self.system = Entry("system", prompt, self.count(prompt)) if prompt else None
+
+    def count(self, text: str) -> int:
+        exact = self.backend.count_tokens(text)
+        return (exact if exact is not None else estimate_tokens(text)) + MESSAGE_OVERHEAD
+
+    def start_turn(self, text: str) -> Turn:
+        """Plan a turn for `text`: the prompt that fits the window, oldest turns dropped."""
+        user = Entry("user", text, self.count(text))
+        budget = self.context_window - self.config.max_tokens - REPLY_PRIMER
+        fixed = user.tokens + (self.system.tokens if self.system else 0)
+        if fixed > budget:
+            raise ContextOverflow(
+                f"the message needs about {user.tokens} tokens and the system prompt "
+                f"{fixed - user.tokens}, more than the {budget} the context window "
+                f"({self.context_window}) leaves beside max_tokens ({self.config.max_tokens})"
+            )
+        total = fixed + sum(e.tokens for e in self.entries)
+        dropped = 0
+        while total > budget:
+            total -= self.entries[dropped].tokens + self.entries[dropped + 1].tokens
+            dropped += 2
+        kept = ([self.system] if self.system else []) + self.entries[dropped:] + [user]
+        prompt = [ChatMessage(e.role, e.content) for e in kept]
+        return Turn(self, user, prompt, total + REPLY_PRIMER, dropped)
+
+    def _finish(self, turn: Turn, outcome: Status) -> None:
+        stats = turn.stats()
+        if turn.parts:
+            reply = "".join(turn.parts)
+            end = turn.end
+            if end is not None and end.completion_tokens is not None:
+                reply_tokens = end.completion_tokens + MESSAGE_OVERHEAD
+            else:
+                reply_tokens = self.count(reply)
+            if end is not None and end.prompt_tokens:
+                others = turn.prompt_tokens - turn.user.tokens
+                if end.prompt_tokens - others > 0:
+                    turn.user.tokens = end.prompt_tokens - others
+            del self.entries[: turn.dropped]
+            self.entries += [turn.user, Entry("assistant", reply, reply_tokens, outcome)]
+        self.turns += 1
+        self.tokens_generated += stats.tokens_generated
+        label = {"complete": "completed", "interrupted": "cancelled", "incomplete": "failed"}
+        if outcome != "incomplete":
+            self.telemetry.upstream_request("success" if outcome == "complete" else "cancelled")
+        self.telemetry.turn_finished(
+            label[outcome],
+            tokens=stats.tokens_generated,
+            prompt_tokens=turn.end.prompt_tokens if turn.end else None,
+            trimmed=stats.history_trimmed_turns if outcome == "complete" else 0,
+            duration_s=stats.processing_time_ms / 1000,
+            ttft_s=None
+            if stats.time_to_first_token_ms is None
+            else stats.time_to_first_token_ms / 1000,
+        )
+
+    def history(self) -> list[dict[str, Any]]:
+        entries = ([self.system] if self.system else []) + self.entries
+        return [e.to_wire() for e in entries]
+
+    def summary(self) -> dict[str, Any]:
+        """The stats of `session_ended`."""
+        return {
+            "turns": self.turns,
+            "tokens_generated": self.tokens_generated,
+            "history_messages": len(self.entries) + (1 if self.system else 0),
+            "duration_s": round(time.monotonic() - self.started_at, 3),
+        }
+
+
+def new_session_id() -> str:
+    return str(uuid.uuid4())

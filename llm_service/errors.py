@@ -1,0 +1,124 @@
+"""The service's error tree and its stable codes.
+
+Every failure a client can see is one of these classes. Each carries the `code` that goes on the
+wire (stable, lower snake_case, listed in the README), a `severity` and whether the same socket
+can be used again (`recoverable`). Lower layers raise them, translated once from whatever
+caused them (`raise UpstreamUnavailable(...) from exc`); `ws.py` alone turns them into frames.
+
+    ServiceError
+    ├── ClientError                      the client sent something the service will not take
+    │   ├── InvalidJSON                  invalid_json
+    │   ├── InvalidMessage               invalid_message
+    │   ├── InvalidConfig                invalid_config
+    │   ├── MessageTooLarge              message_too_large
+    │   ├── GenerationInProgress         generation_in_progress
+    │   ├── ContextOverflow              context_overflow
+    │   └── MaxConnections               max_connections (closes the socket with 1013)
+    ├── EngineError                      the engine failed or could not be reached
+    │   ├── UpstreamUnavailable          upstream_unavailable
+    │   ├── UpstreamError                upstream_error
+    │   ├── ModelNotFound                model_not_found
+    │   ├── CircuitOpen                  circuit_open
+    │   └── UpstreamTimeout              timeout
+    └── InternalError                    internal_error
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+Severity = Literal["low", "medium", "high", "critical"]
+
+
+class ServiceError(Exception):
+    """A failure with a stable wire code."""
+
+    code: ClassVar[str] = "internal_error"
+    severity: ClassVar[Severity] = "high"
+    recoverable: ClassVar[bool] = True
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+    def to_wire(self) -> dict[str, Any]:
+        """The `error` object of an error frame."""
+        body: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "severity": self.severity,
+            "recoverable": self.recoverable,
+        }
+        if self.retry_after_ms is not None:
+            body["retry_after_ms"] = self.retry_after_ms
+        return body
+
+
+class ClientError(ServiceError):
+    """The client sent something the service will not take; nothing changed."""
+
+    severity: ClassVar[Severity] = "low"
+
+
+class InvalidJSON(ClientError):
+    code = "invalid_json"
+
+
+class InvalidMessage(ClientError):
+    code = "invalid_message"
+
+
+class InvalidConfig(ClientError):
+    code = "invalid_config"
+
+
+class MessageTooLarge(ClientError):
+    code = "message_too_large"
+
+
+class GenerationInProgress(ClientError):
+    code = "generation_in_progress"
+
+
+class ContextOverflow(ClientError):
+    code = "context_overflow"
+
+
+class MaxConnections(ClientError):
+    code = "max_connections"
+    severity = "medium"
+    recoverable = False
+
+
+class EngineError(ServiceError):
+    """The engine failed or could not be reached; the turn did not complete."""
+
+    severity: ClassVar[Severity] = "high"
+
+
+class UpstreamUnavailable(EngineError):
+    code = "upstream_unavailable"
+
+
+class UpstreamError(EngineError):
+    code = "upstream_error"
+
+
+class ModelNotFound(EngineError):
+    code = "model_not_found"
+    severity = "critical"
+
+
+class CircuitOpen(EngineError):
+    code = "circuit_open"
+    severity = "medium"
+
+
+class UpstreamTimeout(EngineError):
+    code = "timeout"
+
+
+class InternalError(ServiceError):
+    code = "internal_error"
+    severity = "critical"

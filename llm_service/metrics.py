@@ -1,0 +1,172 @@
+"""What the service counts: the Prometheus registry behind `/metrics` and the totals of `/stats`.
+
+`Telemetry` is made once per app with its own `CollectorRegistry` (never the global one) and is
+the single sink for events: each method updates the Prometheus series and the plain totals that
+`/stats` reports, so the two never disagree. Labels stay bounded: outcomes and error codes,
+never a session id.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 5.0)
+_TURN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+@dataclass
+class Totals:
+    """The plain counts behind `/stats`."""
+
+    active_connections: int = 0
+    total_connections: int = 0
+    active_sessions: int = 0
+    total_turns: int = 0
+    total_tokens_generated: int = 0
+    total_errors: int = 0
+    errors_by_code: Tally[str] = field(default_factory=Tally)
+
+
+class Telemetry:
+    """Prometheus series and `/stats` totals, updated together."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.totals = Totals()
+        r = self.registry
+        p = "llm_service_"
+        self.connections_active = Gauge(
+            p + "connections_active", "Open WebSocket connections", registry=r
+        )
+        self.connections_total = Counter(
+            p + "connections_total", "WebSocket connections accepted", registry=r
+        )
+        self.connections_rejected = Counter(
+            p + "connections_rejected_total",
+            "WebSocket connections refused",
+            ["reason"],
+            registry=r,
+        )
+        self.sessions_active = Gauge(
+            p + "sessions_active", "Live conversation sessions", registry=r
+        )
+        self.sessions_total = Counter(p + "sessions_total", "Sessions started", registry=r)
+        self.turns = Counter(p + "turns_total", "Turns by outcome", ["outcome"], registry=r)
+        self.tokens = Counter(p + "tokens_generated_total", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens sent", registry=r)
+        self.trimmed_turns = Counter(
+            p + "history_trimmed_turns_total",
+            "Old turns dropped to fit the context window",
+            registry=r,
+        )
+        self.errors = Counter(
+            p + "errors_total", "Error frames sent, by code", ["code"], registry=r
+        )
+        self.upstream_requests = Counter(
+            p + "upstream_requests_total", "Engine requests by outcome", ["outcome"], registry=r
+        )
+        self.engine_up = Gauge(
+            p + "engine_up", "1 when the last engine probe succeeded", registry=r
+        )
+        self.circuit_state = Gauge(
+            p + "circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", registry=r
+        )
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds",
+            "From user_message to the first token frame",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            p + "inter_token_gap_seconds",
+            "Gap between consecutive token frames",
+            buckets=_GAP_BUCKETS,
+            registry=r,
+        )
+        self.turn_duration = Histogram(
+            p + "turn_duration_seconds",
+            "From user_message to the end of the turn",
+            buckets=_TURN_BUCKETS,
+            registry=r,
+        )
+        self.cancel_latency = Histogram(
+            p + "cancel_latency_seconds",
+            "From reading cancel to the upstream stream closed",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def connection_opened(self) -> None:
+        self.totals.active_connections += 1
+        self.totals.total_connections += 1
+        self.connections_active.inc()
+        self.connections_total.inc()
+
+    def connection_closed(self) -> None:
+        self.totals.active_connections -= 1
+        self.connections_active.dec()
+
+    def connection_rejected(self, reason: str) -> None:
+        self.connections_rejected.labels(reason).inc()
+
+    def session_started(self) -> None:
+        self.totals.active_sessions += 1
+        self.sessions_active.inc()
+        self.sessions_total.inc()
+
+    def session_ended(self) -> None:
+        self.totals.active_sessions -= 1
+        self.sessions_active.dec()
+
+    def error(self, code: str) -> None:
+        self.totals.total_errors += 1
+        self.totals.errors_by_code[code] += 1
+        self.errors.labels(code).inc()
+
+    def upstream_request(self, outcome: str) -> None:
+        self.upstream_requests.labels(outcome).inc()
+
+    def turn_finished(
+        self,
+        outcome: str,
+        *,
+        tokens: int,
+        prompt_tokens: int | None,
+        trimmed: int,
+        duration_s: float,
+        ttft_s: float | None,
+    ) -> None:
+        self.totals.total_turns += 1
+        self.totals.total_tokens_generated += tokens
+        self.turns.labels(outcome).inc()
+        self.tokens.inc(tokens)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+        if trimmed:
+            self.trimmed_turns.inc(trimmed)
+        self.turn_duration.observe(duration_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+
+    def stats(self) -> dict[str, Any]:
+        """The body of `GET /stats`."""
+        t = self.totals
+        return {
+            "connections": {
+                "active_connections": t.active_connections,
+                "total_connections": t.total_connections,
+                "total_tokens_generated": t.total_tokens_generated,
+            },
+            "conversations": {
+                "active_sessions": t.active_sessions,
+                "total_turns": t.total_turns,
+                "total_tokens_generated": t.total_tokens_generated,
+            },
+            "errors": {"total_errors": t.total_errors, "by_category": dict(t.errors_by_code)},
+        }

@@ -1,0 +1,124 @@
+"""Running the service: the main app and the monitoring app on two ports, in one event loop.
+
+uvicorn serves both. Its own signal capture is replaced by the service's: `run()` turns SIGINT
+and SIGTERM into `ServiceRunner.request_stop()`, and the process then exits normally instead of
+re-raising the signal. A `ServiceRunner` takes pre-bound sockets too, so tests run the real
+server on ephemeral ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import Generator
+
+import uvicorn
+from fastapi import FastAPI
+
+from llm_service.app import BackendFactory, create_app, create_monitoring_app
+from llm_service.backends import make_backend
+from llm_service.config import Settings
+
+# The hard cap on one incoming frame: larger frames close the socket with 1009. Frames between
+# LLM_MAX_MESSAGE_BYTES and this cap get a `message_too_large` error and the socket stays open.
+_HARD_FRAME_CAP = 16 * 1024 * 1024
+
+
+class StartupFailed(RuntimeError):
+    """The main app did not start (its lifespan failed or its port was taken)."""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal capture, telling when it is up."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.up = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.up.set()
+
+
+class ServiceRunner:
+    """The two servers of one service instance, started and stopped together."""
+
+    def __init__(self, settings: Settings, backend_factory: BackendFactory = make_backend) -> None:
+        self.settings = settings
+        self.app: FastAPI = create_app(settings, backend_factory)
+        common = {"log_config": None, "timeout_graceful_shutdown": 5}
+        self._main = _Server(
+            uvicorn.Config(
+                self.app,
+                host=settings.llm_host,
+                port=settings.llm_port,
+                ws_per_message_deflate=settings.llm_ws_compression,
+                ws_max_size=max(_HARD_FRAME_CAP, 4 * settings.llm_max_message_bytes),
+                lifespan="on",
+                **common,  # type: ignore[arg-type]
+            )
+        )
+        self._monitoring = _Server(
+            uvicorn.Config(
+                create_monitoring_app(self.app),
+                host=settings.llm_host,
+                port=settings.llm_monitoring_port,
+                lifespan="off",
+                **common,  # type: ignore[arg-type]
+            )
+        )
+
+    async def wait_started(self) -> None:
+        """Return once both servers accept connections."""
+        await self._main.up.wait()
+        await self._monitoring.up.wait()
+
+    def request_stop(self) -> None:
+        self._main.should_exit = self._monitoring.should_exit = True
+
+    async def serve(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
+        """Serve until `request_stop()`; raise `StartupFailed` if the main app never started."""
+
+        async def serve_main() -> None:
+            try:
+                await self._main.serve(sockets=[sockets[0]] if sockets else None)
+            finally:
+                self._monitoring.should_exit = True
+
+        await asyncio.gather(
+            serve_main(), self._monitoring.serve(sockets=[sockets[1]] if sockets else None)
+        )
+        if not self._main.started:
+            raise StartupFailed("the service failed to start; see the log above")
+
+
+async def serve(settings: Settings) -> None:
+    """Run the service until SIGINT or SIGTERM."""
+    runner = ServiceRunner(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runner.request_stop)
+    try:
+        await runner.serve()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run(settings: Settings) -> None:
+    """Run the service in a fresh event loop (uvloop where installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        with asyncio.Runner() as runner:
+            runner.run(serve(settings))
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(settings))

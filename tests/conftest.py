@@ -1,0 +1,152 @@
+"""Shared fixtures: the fake Ollama, the real service on ephemeral ports, and a WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from llm_service.backends import make_backend
+from llm_service.config import Settings
+from llm_service.server import ServiceRunner
+from tests.fakes.ollama import FakeOllama
+
+RECV_TIMEOUT = 5.0
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for a test: defaults, no `.env`, loopback only, then `overrides`."""
+    values: dict[str, Any] = {"llm_host": "127.0.0.1", "log_level": "WARNING",
+                              "health_cache_ttl_s": 0.0}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass
+class RunningService:
+    runner: ServiceRunner
+    port: int
+    monitoring_port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/llm"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def monitoring(self) -> str:
+        return f"http://127.0.0.1:{self.monitoring_port}"
+
+    async def get(self, path: str, monitoring: bool = False) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            return await client.get((self.monitoring if monitoring else self.http) + path)
+
+    async def connect(self, **kwargs: Any) -> Client:
+        ws = await websockets.connect(self.ws_url, compression=None, open_timeout=5, **kwargs)
+        return Client(ws)
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    settings: Settings, backend_factory: Callable[[Settings], Any] = make_backend
+) -> AsyncIterator[RunningService]:
+    main_sock, monitoring_sock = bound_socket(), bound_socket()
+    runner = ServiceRunner(settings, backend_factory)
+    task = asyncio.create_task(runner.serve(sockets=(main_sock, monitoring_sock)))
+    started = asyncio.create_task(runner.wait_started())
+    await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():
+        started.cancel()
+        runner.request_stop()
+        await task  # surfaces the start-up failure
+        raise RuntimeError("service did not start")
+    try:
+        yield RunningService(runner, main_sock.getsockname()[1],
+                             monitoring_sock.getsockname()[1])
+    finally:
+        runner.request_stop()
+        await asyncio.wait_for(task, 15)
+        main_sock.close()
+        monitoring_sock.close()
+
+
+class Client:
+    """A WebSocket client that speaks frames as dicts."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode())
+
+    async def recv(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame: dict[str, Any] = orjson.loads(raw)
+        return frame
+
+    async def recv_until(self, kind: str | tuple[str, ...], timeout: float = RECV_TIMEOUT
+                         ) -> list[dict[str, Any]]:
+        """Frames up to and including the first of type `kind`."""
+        kinds = (kind,) if isinstance(kind, str) else kind
+        frames = []
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.recv(timeout)
+                frames.append(frame)
+                if frame["type"] in kinds:
+                    return frames
+
+    async def start(self) -> str:
+        """Read `session_started`; return the session id."""
+        frame = await self.recv()
+        assert frame["type"] == "session_started"
+        return str(frame["session_id"])
+
+    async def turn(self, text: str, timeout: float = RECV_TIMEOUT) -> list[dict[str, Any]]:
+        await self.send({"type": "user_message", "text": text})
+        return await self.recv_until(("response_complete", "error"), timeout)
+
+    async def history(self) -> list[dict[str, Any]]:
+        await self.send({"type": "get_history"})
+        frame = await self.recv()
+        assert frame["type"] == "history"
+        messages: list[dict[str, Any]] = frame["messages"]
+        return messages
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def tokens_of(frames: list[dict[str, Any]]) -> list[str]:
+    return [f["data"] for f in frames if f["type"] == "token"]
+
+
+@pytest.fixture
+async def fake_ollama() -> AsyncIterator[FakeOllama]:
+    async with FakeOllama() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def service(fake_ollama: FakeOllama) -> AsyncIterator[RunningService]:
+    async with running_service(make_settings(ollama_base_url=fake_ollama.url)) as running:
+        yield running
