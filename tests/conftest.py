@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,11 @@ def bound_socket() -> socket.socket:
 
 def make_settings(**overrides: Any) -> Settings:
     """Settings for a test: defaults, no `.env`, loopback only, then `overrides`."""
-    values: dict[str, Any] = {"llm_host": "127.0.0.1", "log_level": "WARNING",
-                              "health_cache_ttl_s": 0.0}
+    values: dict[str, Any] = {
+        "llm_host": "127.0.0.1",
+        "log_level": "WARNING",
+        "health_cache_ttl_s": 0.0,
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
@@ -80,8 +84,7 @@ async def running_service(
         await task  # surfaces the start-up failure
         raise RuntimeError("service did not start")
     try:
-        yield RunningService(runner, main_sock.getsockname()[1],
-                             monitoring_sock.getsockname()[1])
+        yield RunningService(runner, main_sock.getsockname()[1], monitoring_sock.getsockname()[1])
     finally:
         runner.request_stop()
         await asyncio.wait_for(task, 15)
@@ -96,21 +99,23 @@ class Client:
         self.ws = ws
 
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
-        await self.ws.send(frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode())
+        raw = frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode()
+        await self.ws.send(raw)
 
-    async def recv(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+    async def recv(self, limit: float = RECV_TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), limit)
         frame: dict[str, Any] = orjson.loads(raw)
         return frame
 
-    async def recv_until(self, kind: str | tuple[str, ...], timeout: float = RECV_TIMEOUT
-                         ) -> list[dict[str, Any]]:
+    async def recv_until(
+        self, kind: str | tuple[str, ...], limit: float = RECV_TIMEOUT
+    ) -> list[dict[str, Any]]:
         """Frames up to and including the first of type `kind`."""
         kinds = (kind,) if isinstance(kind, str) else kind
         frames = []
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit):
             while True:
-                frame = await self.recv(timeout)
+                frame = await self.recv(limit)
                 frames.append(frame)
                 if frame["type"] in kinds:
                     return frames
@@ -121,9 +126,9 @@ class Client:
         assert frame["type"] == "session_started"
         return str(frame["session_id"])
 
-    async def turn(self, text: str, timeout: float = RECV_TIMEOUT) -> list[dict[str, Any]]:
+    async def turn(self, text: str, limit: float = RECV_TIMEOUT) -> list[dict[str, Any]]:
         await self.send({"type": "user_message", "text": text})
-        return await self.recv_until(("response_complete", "error"), timeout)
+        return await self.recv_until(("response_complete", "error"), limit)
 
     async def history(self) -> list[dict[str, Any]]:
         await self.send({"type": "get_history"})
@@ -134,6 +139,14 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+async def poll(check: Callable[[], Awaitable[bool]], limit: float = 2.0) -> None:
+    """Re-check a condition the test cannot wait on directly (another process's state)."""
+    deadline = time.monotonic() + limit
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 def tokens_of(frames: list[dict[str, Any]]) -> list[str]:

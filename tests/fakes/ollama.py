@@ -37,7 +37,7 @@ class Reply:
     error_after: int | None = None  # send an in-band {"error"} line after this many chunks
     drop_after: int | None = None  # drop the connection after this many chunks
     stall_after: int | None = None  # stop sending after this many chunks, until the client goes
-    eval_count: int | None = None  # default: the number of chunks
+    eval_count: int | None = None  # default: fake_token_count of the reply text
     prompt_eval_count: int | None = None  # default: fake_token_count(messages)
     omit_counts: bool = False  # leave the counters out of the done line
     done_reason: str = "stop"
@@ -65,16 +65,21 @@ class ChatRecord:
         options: dict[str, Any] = self.body.get("options") or {}
         return options
 
-    async def wait_closed(self, timeout: float) -> float:
+    async def wait_closed(self, limit: float) -> float:
         """Wait until the client closed this response; return when (perf_counter time)."""
-        await asyncio.wait_for(self.closed.wait(), timeout)
+        await asyncio.wait_for(self.closed.wait(), limit)
         assert self.closed_at is not None
         return self.closed_at
 
 
+def fake_tokens(text: str) -> int:
+    """The fake's stand-in for a tokenizer: 4 characters a token."""
+    return math.ceil(len(text) / 4)
+
+
 def fake_token_count(messages: list[dict[str, Any]]) -> int:
-    """The fake's stand-in for a tokenizer: 4 characters a token, 4 per message, 3 to reply."""
-    return sum(math.ceil(len(str(m.get("content", ""))) / 4) + 4 for m in messages) + 3
+    """A prompt's size by the fake's tokenizer: 4 more per message, 3 to open the reply."""
+    return sum(fake_tokens(str(m.get("content", ""))) + 4 for m in messages) + 3
 
 
 class FakeOllama:
@@ -132,11 +137,11 @@ class FakeOllama:
         assert server is not None and server.sockets  # type: ignore[attr-defined]
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
-    async def wait_chats(self, count: int, timeout: float = 5.0) -> ChatRecord:
+    async def wait_chats(self, count: int, limit: float = 5.0) -> ChatRecord:
         """Wait until `count` chat requests have arrived; return the last."""
         async with self._chat_arrived:
             await asyncio.wait_for(
-                self._chat_arrived.wait_for(lambda: len(self.chats) >= count), timeout
+                self._chat_arrived.wait_for(lambda: len(self.chats) >= count), limit
             )
         return self.chats[count - 1]
 
@@ -154,9 +159,18 @@ class FakeOllama:
     async def _tags(self, request: web.Request) -> web.Response:
         self._hit(request)
         models = [
-            {"name": m, "model": m, "size": 1_321_098_329, "digest": "a" * 64,
-             "details": {"format": "gguf", "family": "llama", "parameter_size": "1.2B",
-                         "quantization_level": "Q8_0"}}
+            {
+                "name": m,
+                "model": m,
+                "size": 1_321_098_329,
+                "digest": "a" * 64,
+                "details": {
+                    "format": "gguf",
+                    "family": "llama",
+                    "parameter_size": "1.2B",
+                    "quantization_level": "Q8_0",
+                },
+            }
             for m in self.models
         ]
         return web.json_response({"models": models})
@@ -180,8 +194,15 @@ class FakeOllama:
         await _line(response, {"status": "pulling manifest"})
         total = 4_000_000
         for done in range(0, total + 1, 1_000_000):
-            await _line(response, {"status": "pulling " + "b" * 12, "digest": "sha256:" + "b" * 64,
-                                   "total": total, "completed": done})
+            await _line(
+                response,
+                {
+                    "status": "pulling " + "b" * 12,
+                    "digest": "sha256:" + "b" * 64,
+                    "total": total,
+                    "completed": done,
+                },
+            )
         if name not in self.models:
             self.models.append(name)
         await _line(response, {"status": "success"})
@@ -196,8 +217,9 @@ class FakeOllama:
             return _error(400, "invalid character in request body")
         if not isinstance(body, dict) or not isinstance(body.get("messages", []), list):
             return _error(400, "invalid request")
-        record = ChatRecord(body=body, headers=dict(request.headers),
-                            started_at=time.perf_counter())
+        record = ChatRecord(
+            body=body, headers=dict(request.headers), started_at=time.perf_counter()
+        )
         async with self._chat_arrived:
             self.chats.append(record)
             self._chat_arrived.notify_all()
@@ -222,8 +244,9 @@ class FakeOllama:
         messages = record.messages
         if record.body.get("stream") is False:
             content = "".join(reply.chunks)
-            return web.json_response({**self._message(model, content, False),
-                                      **self._counters(reply, messages)})
+            return web.json_response(
+                {**self._message(model, content, False), **self._counters(reply, messages)}
+            )
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         for index, chunk in enumerate(reply.chunks):
@@ -242,8 +265,11 @@ class FakeOllama:
                 await asyncio.sleep(pause)
             await _line(response, self._message(model, chunk, False))
             record.chunks_sent += 1
-        done = {**self._message(model, "", True), "done_reason": reply.done_reason,
-                **self._counters(reply, messages)}
+        done = {
+            **self._message(model, "", True),
+            "done_reason": reply.done_reason,
+            **self._counters(reply, messages),
+        }
         await _line(response, done)
         return await self._finish(response, record)
 
@@ -254,14 +280,20 @@ class FakeOllama:
 
     @staticmethod
     def _message(model: Any, content: str, done: bool) -> dict[str, Any]:
-        return {"model": model, "created_at": "2026-11-25T12:00:00.000000Z",
-                "message": {"role": "assistant", "content": content}, "done": done}
+        return {
+            "model": model,
+            "created_at": "2026-11-25T12:00:00.000000Z",
+            "message": {"role": "assistant", "content": content},
+            "done": done,
+        }
 
     @staticmethod
     def _counters(reply: Reply, messages: list[dict[str, Any]]) -> dict[str, Any]:
         if reply.omit_counts:
             return {}
-        eval_count = reply.eval_count if reply.eval_count is not None else len(reply.chunks)
+        eval_count = reply.eval_count
+        if eval_count is None:
+            eval_count = fake_tokens("".join(reply.chunks))
         prompt = reply.prompt_eval_count
         return {
             "total_duration": 250_000_000,

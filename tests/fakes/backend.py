@@ -1,0 +1,67 @@
+"""A small in-memory `LLMBackend` for unit tests of the layers above the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+
+from llm_service.backends.base import (
+    ChatMessage,
+    EngineStatus,
+    GenerationParams,
+    StreamEnd,
+    StreamItem,
+)
+from llm_service.errors import ServiceError
+
+
+@dataclass
+class Scripted:
+    """One reply: its chunks, then either a `StreamEnd` or an error."""
+
+    chunks: list[str]
+    end: StreamEnd = field(default_factory=StreamEnd)
+    error: ServiceError | None = None
+    gate: asyncio.Event | None = None  # wait for this before each chunk after the first
+
+
+class FakeBackend:
+    """Replays scripted replies and records what it was asked."""
+
+    name = "fake"
+
+    def __init__(self, *, model: str = "fake-model", tokens_per_char: float | None = None):
+        self.model = model
+        self.script: deque[Scripted] = deque()
+        self.calls: list[tuple[list[ChatMessage], GenerationParams]] = []
+        self.closed_streams = 0
+        self._tokens_per_char = tokens_per_char
+
+    def count_tokens(self, text: str) -> int | None:
+        if self._tokens_per_char is None:
+            return None
+        return round(len(text) * self._tokens_per_char)
+
+    async def stream_chat(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncGenerator[StreamItem, None]:
+        self.calls.append((list(messages), params))
+        reply = self.script.popleft() if self.script else Scripted(["ok"])
+        try:
+            for index, chunk in enumerate(reply.chunks):
+                if index and reply.gate is not None:
+                    await reply.gate.wait()
+                yield chunk
+            if reply.error is not None:
+                raise reply.error
+            yield reply.end
+        finally:
+            self.closed_streams += 1
+
+    async def status(self) -> EngineStatus:
+        return EngineStatus(reachable=True, detail="fake", version="0", model_available=True)
+
+    async def aclose(self) -> None:
+        pass

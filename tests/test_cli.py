@@ -1,0 +1,100 @@
+"""The command line as an operator runs it: `config --show` and `test`, in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.conftest import bound_socket
+from tests.fakes.ollama import FakeOllama
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run_cli(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
+    """Run `python main.py ARGS` in an empty directory (no stray `.env`) with only `env` set."""
+    base = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "main.py"),
+        *args,
+        cwd=tmp_path,
+        env={**base, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_config_show_masks_secrets(tmp_path: Path) -> None:
+    code, out = await run_cli(
+        tmp_path,
+        "config",
+        "--show",
+        OLLAMA_API_KEY="sk-very-secret-key",
+        LLM_MODEL="qwen2.5:0.5b",
+        OLLAMA_BASE_URL="https://ops:hunter2@ollama.example.com:11434",
+    )
+    assert code == 0, out
+    assert "sk-very-secret-key" not in out
+    assert "hunter2" not in out
+    assert "OLLAMA_API_KEY" in out and "********" in out
+    assert "https://ops:********@ollama.example.com:11434" in out
+    assert "qwen2.5:0.5b" in out
+    assert "LLM_PORT" in out and "8000" in out
+
+
+async def test_config_reads_dotenv(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("LLM_MODEL=from-dotenv:1b\nDEFAULT_TEMPERATURE=0.25\n")
+    code, out = await run_cli(tmp_path, "config", "--show")
+    assert code == 0, out
+    assert "from-dotenv:1b" in out and "0.25" in out
+
+
+async def test_bad_setting_is_refused_naming_the_variable(tmp_path: Path) -> None:
+    code, out = await run_cli(
+        tmp_path, "config", "--show", LLM_PORT="eighty", DEFAULT_TEMPERATURE="5"
+    )
+    assert code == 2
+    assert "LLM_PORT" in out and "DEFAULT_TEMPERATURE" in out
+    code, out = await run_cli(tmp_path, "websocket", OLLAMA_BASE_URL="ftp://nowhere")
+    assert code == 2
+    assert "OLLAMA_BASE_URL" in out
+
+
+async def test_engine_check_passes_against_a_working_engine(
+    tmp_path: Path, fake_ollama: FakeOllama
+) -> None:
+    code, out = await run_cli(tmp_path, "test", OLLAMA_BASE_URL=fake_ollama.url)
+    assert code == 0, out
+    assert "verdict   OK" in out
+    assert fake_ollama.version in out
+    assert "tokens/s" in out
+    assert len(fake_ollama.chats) == 1
+
+
+async def test_engine_check_fails_clearly_when_unreachable(tmp_path: Path) -> None:
+    sock = bound_socket()  # bound, never listening: connections are refused
+    try:
+        port = sock.getsockname()[1]
+        code, out = await run_cli(tmp_path, "test", OLLAMA_BASE_URL=f"http://127.0.0.1:{port}")
+    finally:
+        sock.close()
+    assert code == 1
+    assert "verdict   FAILED" in out
+    assert "cannot be reached" in out
+    assert "Traceback" not in out
+
+
+async def test_engine_check_fails_when_model_is_missing(
+    tmp_path: Path, fake_ollama: FakeOllama
+) -> None:
+    code, out = await run_cli(
+        tmp_path, "test", OLLAMA_BASE_URL=fake_ollama.url, LLM_MODEL="missing:3b"
+    )
+    assert code == 1
+    assert "missing:3b" in out and "pull" in out

@@ -1,0 +1,180 @@
+"""Conversation rules with a fake backend: history, the context budget, interrupted turns."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+import pytest
+
+from llm_service.backends.base import StreamEnd
+from llm_service.conversation import (
+    MESSAGE_OVERHEAD,
+    REPLY_PRIMER,
+    Conversation,
+    SessionConfig,
+    Turn,
+    TurnStats,
+    estimate_tokens,
+)
+from llm_service.errors import ContextOverflow, InvalidConfig, UpstreamError
+from llm_service.metrics import Telemetry
+from llm_service.protocol import ConfigUpdate
+from tests.conftest import make_settings
+from tests.fakes.backend import FakeBackend, Scripted
+
+
+def conversation(
+    backend: FakeBackend, window: int = 8192, max_tokens: int = 256, system: str = ""
+) -> Conversation:
+    config = SessionConfig.from_settings(make_settings())
+    config = config.updated(ConfigUpdate(max_tokens=max_tokens, system_prompt=system), window)
+    return Conversation("s1", config, backend, window, Telemetry())
+
+
+async def run(turn: Turn) -> tuple[list[str], TurnStats]:
+    texts: list[str] = []
+    async with aclosing(turn.stream()) as stream:
+        async for item in stream:
+            if isinstance(item, str):
+                texts.append(item)
+            else:
+                return texts, item
+    raise AssertionError("no stats")
+
+
+async def test_history_alternates_and_reply_is_stored_as_sent() -> None:
+    backend = FakeBackend()
+    backend.script.extend([Scripted(["Hel", "lo"]), Scripted(["Bye"])])
+    conv = conversation(backend, system="Be brief.")
+    texts, stats = await run(conv.start_turn("Hi"))
+    assert texts == ["Hel", "lo"] and stats.token_frames == 2
+    await run(conv.start_turn("Go"))
+    assert conv.history() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "status": "complete"},
+        {"role": "user", "content": "Go"},
+        {"role": "assistant", "content": "Bye", "status": "complete"},
+    ]
+    sent, params = backend.calls[1]
+    assert [m.role for m in sent] == ["system", "user", "assistant", "user"]
+    assert params.max_tokens == 256
+
+
+async def test_engine_counts_replace_estimates() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["x" * 400], StreamEnd(completion_tokens=37, prompt_tokens=90)))
+    conv = conversation(backend, system="S" * 40)
+    turn = conv.start_turn("U" * 40)
+    system_tokens = estimate_tokens("S" * 40) + MESSAGE_OVERHEAD
+    _, stats = await run(turn)
+    assert stats.tokens_generated == 37
+    assert stats.prompt_tokens == 90
+    user, reply = conv.entries
+    assert reply.tokens == 37 + MESSAGE_OVERHEAD
+    # the prompt's count, less what else it held, is the user message's true size
+    assert user.tokens == 90 - REPLY_PRIMER - system_tokens
+
+
+async def test_exact_tokenizer_counts_are_used() -> None:
+    backend = FakeBackend(tokens_per_char=1.0)
+    conv = conversation(backend)
+    turn = conv.start_turn("abcdefghij")
+    assert turn.user.tokens == 10 + MESSAGE_OVERHEAD
+
+
+async def test_oldest_whole_turns_are_dropped_to_fit() -> None:
+    backend = FakeBackend(tokens_per_char=1.0)
+    conv = conversation(backend, window=600, max_tokens=100, system="sys")
+    for i in range(6):
+        backend.script.append(Scripted(["r" * 46]))
+        await run(conv.start_turn(f"{i}" * 46))
+    # each turn is 2 x 50 tokens; budget 600 - 100 - 3 = 497 holds the system (7),
+    # the new message (50) and four old turns (400). Turns that no longer fit were dropped
+    # for good as each turn completed, so five are left and one more goes now.
+    assert len(conv.entries) == 10
+    turn = conv.start_turn("n" * 46)
+    assert turn.dropped == 2
+    assert [m.content[0] for m in turn.prompt] == ["s", "2", "r", "3", "r", "4", "r", "5", "r", "n"]
+    assert turn.prompt_tokens <= 497 + REPLY_PRIMER
+    backend.script.append(Scripted(["done"]))
+    _, stats = await run(turn)
+    assert stats.history_trimmed_turns == 1
+    assert conv.history()[1]["content"][0] == "2"
+
+
+async def test_a_message_that_cannot_fit_is_refused_and_changes_nothing() -> None:
+    backend = FakeBackend(tokens_per_char=1.0)
+    conv = conversation(backend, window=600, max_tokens=100, system="sys")
+    await run(conv.start_turn("hello"))
+    before = conv.history()
+    with pytest.raises(ContextOverflow):
+        conv.start_turn("x" * 490)
+    assert conv.history() == before
+
+
+async def test_max_tokens_must_leave_room_for_a_prompt() -> None:
+    config = SessionConfig.from_settings(make_settings())
+    with pytest.raises(InvalidConfig):
+        config.updated(ConfigUpdate(max_tokens=4096), 4096)
+
+
+async def test_interrupted_turn_keeps_sent_text_marked() -> None:
+    backend = FakeBackend()
+    gate = asyncio.Event()
+    backend.script.append(Scripted(["one ", "two ", "three"], gate=gate))
+    conv = conversation(backend)
+    turn = conv.start_turn("count")
+    received: list[str] = []
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(turn.stream()) as stream:
+            async for item in stream:
+                assert isinstance(item, str)
+                received.append(item)
+                first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 2)
+    task.cancel()
+    await asyncio.wait({task})
+    assert backend.closed_streams == 1
+    assert conv.history() == [
+        {"role": "user", "content": "count"},
+        {"role": "assistant", "content": "one ", "status": "interrupted"},
+    ]
+
+
+async def test_failure_after_text_keeps_both_and_before_text_keeps_neither() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["part"], error=UpstreamError("gone")))
+    backend.script.append(Scripted([], error=UpstreamError("gone")))
+    conv = conversation(backend)
+    with pytest.raises(UpstreamError):
+        await run(conv.start_turn("first"))
+    with pytest.raises(UpstreamError):
+        await run(conv.start_turn("second"))
+    assert conv.history() == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "part", "status": "incomplete"},
+    ]
+
+
+def test_estimate_is_generous_for_non_ascii() -> None:
+    assert estimate_tokens("") == 0
+    assert estimate_tokens("abcd" * 10) == 10
+    assert estimate_tokens("日本語のテキスト") >= 8
+    assert estimate_tokens("é" * 8) > estimate_tokens("e" * 8)
+
+
+def test_reset_starts_afresh_with_new_system_prompt() -> None:
+    conv = conversation(FakeBackend(), system="old")
+    conv.entries.append(conv.start_turn("x").user)
+    conv.reset(
+        SessionConfig.from_settings(make_settings()).updated(
+            ConfigUpdate(system_prompt="new"), 8192
+        )
+    )
+    assert conv.history() == [{"role": "system", "content": "new"}]
