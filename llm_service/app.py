@@ -22,9 +22,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from llm_service import __version__
 from llm_service.backends import make_backend
 from llm_service.backends.base import LLMBackend
+from llm_service.backends.resilient import ResilientBackend, RetryPolicy
+from llm_service.breaker import CircuitBreaker
 from llm_service.config import Settings
+from llm_service.errors import ServiceError
 from llm_service.health import EngineHealth
-from llm_service.metrics import Telemetry
+from llm_service.metrics import CIRCUIT_STATES, Telemetry
+from llm_service.ws import (
+    CLOSE_GOING_AWAY,
+    CLOSE_TRY_AGAIN_LATER,
+    Connections,
+    Ending,
+    max_connections_error,
+    shutting_down_error,
+)
 from llm_service.ws import router as ws_router
 
 log = structlog.get_logger("llm_service.app")
@@ -36,16 +47,43 @@ class Service:
 
     settings: Settings
     backend: LLMBackend
+    breaker: CircuitBreaker
     telemetry: Telemetry
     health: EngineHealth
     started_at: float = field(default_factory=time.monotonic)
+    connections: Connections = field(default_factory=Connections)
+    draining: bool = False
+
+    def refusal(self) -> tuple[ServiceError, int] | None:
+        """Why a new connection cannot be served, with its close code; None to serve it."""
+        if self.draining:
+            return shutting_down_error(self.settings.llm_shutdown_grace_s), CLOSE_GOING_AWAY
+        if self.telemetry.totals.active_connections >= self.settings.llm_max_connections:
+            return max_connections_error(self.settings.llm_max_connections), CLOSE_TRY_AGAIN_LATER
+        return None
+
+    def shutdown_ending(self) -> Ending:
+        error = shutting_down_error(self.settings.llm_shutdown_grace_s)
+        return Ending(CLOSE_GOING_AWAY, "service shutting down", error)
+
+    async def drain(self, grace_s: float) -> None:
+        """Let replies in flight finish for up to `grace_s`, then end every connection."""
+        self.draining = True
+        log.info("drain_started", connections=len(self.connections), grace_s=grace_s)
+        for connection in self.connections.snapshot():
+            connection.begin_drain()
+        if not await self.connections.wait_empty(grace_s):
+            for connection in self.connections.snapshot():
+                connection.end(self.shutdown_ending())
+            await self.connections.wait_empty(self.settings.llm_send_timeout_s + 1)
+        log.info("drain_finished", connections_left=len(self.connections))
 
     async def health_report(self) -> tuple[int, dict[str, Any]]:
         """`/health`'s status code and body."""
         engine = await self.health.current()
         if not engine.reachable:
             status = "unhealthy"
-        elif engine.model_available is False:
+        elif engine.model_available is False or self.breaker.state == "open":
             status = "degraded"
         else:
             status = "healthy"
@@ -57,6 +95,7 @@ class Service:
             "active_connections": totals.active_connections,
             "active_sessions": totals.active_sessions,
             "backend": self.backend.name,
+            "circuit_breaker": self.breaker.snapshot(),
             "engine": {
                 "reachable": engine.reachable,
                 "detail": engine.detail,
@@ -79,11 +118,23 @@ def create_app(settings: Settings, backend_factory: BackendFactory = make_backen
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             telemetry = Telemetry()
-            backend = backend_factory(settings)
-            stack.push_async_callback(backend.aclose)
-            health = EngineHealth(backend, settings.health_cache_ttl_s, telemetry)
+            engine = backend_factory(settings)
+            stack.push_async_callback(engine.aclose)
+            breaker = CircuitBreaker(
+                settings.circuit_breaker_failure_threshold,
+                settings.circuit_breaker_recovery_timeout,
+            )
+            telemetry.circuit_state.set_function(lambda: CIRCUIT_STATES[breaker.state])
+            retry = RetryPolicy(
+                attempts=settings.llm_retry_attempts,
+                backoff_s=settings.llm_retry_backoff_s,
+                max_backoff_s=settings.llm_retry_max_backoff_s,
+                deadline_s=settings.llm_retry_deadline_s,
+            )
+            backend = ResilientBackend(engine, breaker, retry, telemetry)
+            health = EngineHealth(engine, settings.health_cache_ttl_s, telemetry)
             stack.push_async_callback(health.aclose)
-            app.state.service = Service(settings, backend, telemetry, health)
+            app.state.service = Service(settings, backend, breaker, telemetry, health)
             log.info(
                 "service_ready", backend=backend.name, model=backend.model, port=settings.llm_port
             )

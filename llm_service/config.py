@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     llm_first_token_timeout_s: float = Field(120.0, gt=0)
     llm_chunk_timeout_s: float = Field(30.0, gt=0)
 
+    # Resilience
+    circuit_breaker_failure_threshold: int = Field(5, ge=1)
+    circuit_breaker_recovery_timeout: float = Field(15.0, gt=0)
+    llm_retry_attempts: int = Field(3, ge=1, le=10)
+    llm_retry_backoff_s: float = Field(0.25, ge=0)
+    llm_retry_max_backoff_s: float = Field(2.0, ge=0)
+    llm_retry_deadline_s: float = Field(10.0, gt=0)
+    llm_send_timeout_s: float = Field(30.0, gt=0)
+    llm_shutdown_grace_s: float = Field(20.0, ge=0)
+
     # Server
     llm_host: str = "0.0.0.0"
     llm_port: int = Field(8000, ge=0, le=65535)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from llm_service.backends.base import ChatMessage, GenerationParams, LLMBackend, Role, StreamEnd
 from llm_service.config import Settings
-from llm_service.errors import ContextOverflow, InvalidConfig, ServiceError
+from llm_service.errors import ContextOverflow, InvalidConfig
 from llm_service.metrics import Telemetry
 from llm_service.protocol import ConfigUpdate
 
@@ -202,9 +202,6 @@ class Turn:
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "interrupted"
             raise
-        except ServiceError as exc:
-            conv.telemetry.upstream_request(exc.code)
-            raise
         finally:
             self.finished_at = time.perf_counter()
             conv._finish(self, outcome)
@@ -281,7 +278,7 @@ class Conversation:
 
     def _finish(self, turn: Turn, outcome: Status) -> None:
         stats = turn.stats()
-        if turn.parts:
+        if turn.parts or outcome == "complete":
             reply = "".join(turn.parts)
             end = turn.end
             if end is not None and end.completion_tokens is not None:
@@ -297,8 +294,6 @@ class Conversation:
         self.turns += 1
         self.tokens_generated += stats.tokens_generated
         label = {"complete": "completed", "interrupted": "cancelled", "incomplete": "failed"}
-        if outcome != "incomplete":
-            self.telemetry.upstream_request("success" if outcome == "complete" else "cancelled")
         self.telemetry.turn_finished(
             label[outcome],
             tokens=stats.tokens_generated,

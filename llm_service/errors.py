@@ -14,9 +14,11 @@ caused them (`raise UpstreamUnavailable(...) from exc`); `ws.py` alone turns the
     │   ├── GenerationInProgress         generation_in_progress
     │   ├── ContextOverflow              context_overflow
     │   └── MaxConnections               max_connections (closes the socket with 1013)
+    ├── ServiceShuttingDown              service_shutting_down (closes the socket with 1001)
     ├── EngineError                      the engine failed or could not be reached
     │   ├── UpstreamUnavailable          upstream_unavailable
     │   ├── UpstreamError                upstream_error
+    │   │   └── UpstreamRejected         upstream_error (the engine refused the request: 400)
     │   ├── ModelNotFound                model_not_found
     │   ├── CircuitOpen                  circuit_open
     │   └── UpstreamTimeout              timeout
@@ -91,10 +93,21 @@ class MaxConnections(ClientError):
     recoverable = False
 
 
+class ServiceShuttingDown(ServiceError):
+    code = "service_shutting_down"
+    severity: ClassVar[Severity] = "medium"
+    recoverable = False
+
+
 class EngineError(ServiceError):
-    """The engine failed or could not be reached; the turn did not complete."""
+    """The engine failed or could not be reached; the turn did not complete.
+
+    `engine_fault` says whether the failure speaks against the engine's health (and so counts
+    towards opening the circuit breaker) or only against this one request.
+    """
 
     severity: ClassVar[Severity] = "high"
+    engine_fault: ClassVar[bool] = True
 
 
 class UpstreamUnavailable(EngineError):
@@ -105,14 +118,20 @@ class UpstreamError(EngineError):
     code = "upstream_error"
 
 
+class UpstreamRejected(UpstreamError):
+    engine_fault = False
+
+
 class ModelNotFound(EngineError):
     code = "model_not_found"
     severity = "critical"
+    engine_fault = False
 
 
 class CircuitOpen(EngineError):
     code = "circuit_open"
     severity = "medium"
+    engine_fault = False
 
 
 class UpstreamTimeout(EngineError):

@@ -71,6 +71,11 @@ class Telemetry:
         self.upstream_requests = Counter(
             p + "upstream_requests_total", "Engine requests by outcome", ["outcome"], registry=r
         )
+        self.upstream_retries = Counter(
+            p + "upstream_retries_total",
+            "Engine requests retried after a transient failure",
+            registry=r,
+        )
         self.engine_up = Gauge(
             p + "engine_up", "1 when the last engine probe succeeded", registry=r
         )

@@ -1,9 +1,12 @@
 """Running the service: the main app and the monitoring app on two ports, in one event loop.
 
-uvicorn serves both. Its own signal capture is replaced by the service's: `run()` turns SIGINT
-and SIGTERM into `ServiceRunner.request_stop()`, and the process then exits normally instead of
-re-raising the signal. A `ServiceRunner` takes pre-bound sockets too, so tests run the real
-server on ephemeral ports.
+uvicorn serves both. Its own signal handling is replaced by the service's, because uvicorn's
+closes every WebSocket with 1012 at once and then re-raises the signal. Here the first SIGTERM
+or SIGINT starts a graceful shutdown (`ServiceRunner.shutdown`): the main port stops accepting,
+replies in flight get `LLM_SHUTDOWN_GRACE_S` to finish, the rest are cancelled and their
+sockets closed with 1001, and then both servers stop and the process exits 0. A second signal
+stops at once. A `ServiceRunner` takes pre-bound sockets too, so tests run the real server on
+ephemeral ports.
 """
 
 from __future__ import annotations
@@ -83,6 +86,15 @@ class ServiceRunner:
     def request_stop(self) -> None:
         self._main.should_exit = self._monitoring.should_exit = True
 
+    async def shutdown(self) -> None:
+        """Stop accepting, drain the connections, then stop both servers."""
+        for server in getattr(self._main, "servers", []):
+            server.close()
+        service = getattr(self.app.state, "service", None)
+        if service is not None:
+            await service.drain(self.settings.llm_shutdown_grace_s)
+        self.request_stop()
+
     async def serve(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
         """Serve until `request_stop()`; raise `StartupFailed` if the main app never started."""
 
@@ -100,16 +112,28 @@ class ServiceRunner:
 
 
 async def serve(settings: Settings) -> None:
-    """Run the service until SIGINT or SIGTERM."""
+    """Run the service until SIGINT or SIGTERM, then shut down gracefully."""
     runner = ServiceRunner(settings)
     loop = asyncio.get_running_loop()
+    shutdown: asyncio.Task[None] | None = None
+
+    def on_signal() -> None:
+        nonlocal shutdown
+        if shutdown is None:
+            shutdown = asyncio.create_task(runner.shutdown())
+        else:
+            runner.request_stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, runner.request_stop)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await runner.serve()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if shutdown is not None and not shutdown.done():
+            shutdown.cancel()
+            await asyncio.wait({shutdown})
 
 
 def run(settings: Settings) -> None:

@@ -6,6 +6,11 @@ seen at once; each of them cancels the generation task, which closes the upstrea
 through `aclosing` before the loop answers. Whatever goes wrong inside a frame's handling is
 answered with an error frame on the same socket; nothing a client sends ends the connection
 except `end_session`.
+
+Two things end a connection from outside: a client that stops reading while a reply streams
+(its sends block past `LLM_SEND_TIMEOUT_S`: the reply is cancelled and the socket closed with
+1008), and the service shutting down (`drain`: replies in flight may finish, then the socket
+closes with 1001 after a `service_shutting_down` frame).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -26,6 +32,7 @@ from llm_service.errors import (
     InvalidMessage,
     MaxConnections,
     ServiceError,
+    ServiceShuttingDown,
 )
 from llm_service.protocol import (
     Cancel,
@@ -46,8 +53,19 @@ log = structlog.get_logger("llm_service.ws")
 router = APIRouter()
 
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 _GONE = (WebSocketDisconnect, WebSocketDisconnected)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """Why the service ends a connection, and how: an optional last frame, then a close."""
+
+    code: int
+    reason: str
+    error: ServiceError | None = None
 
 
 @router.websocket("/ws/llm")
@@ -55,14 +73,14 @@ async def llm_socket(websocket: WebSocket) -> None:
     service: Service = websocket.app.state.service
     await websocket.accept()
     telemetry = service.telemetry
-    if telemetry.totals.active_connections >= service.settings.llm_max_connections:
-        telemetry.connection_rejected("max_connections")
-        telemetry.error(MaxConnections.code)
-        limit = service.settings.llm_max_connections
-        error = MaxConnections(f"the service is at its limit of {limit} connections; retry later")
+    refusal = service.refusal()
+    if refusal is not None:
+        error, close_code = refusal
+        telemetry.connection_rejected(error.code)
+        telemetry.error(error.code)
         try:
             await websocket.send_text(dumps({"type": "error", "error": error.to_wire()}))
-            await websocket.close(CLOSE_TRY_AGAIN_LATER, "max connections")
+            await websocket.close(close_code, error.code)
         except _GONE:
             pass
         return
@@ -73,6 +91,42 @@ async def llm_socket(websocket: WebSocket) -> None:
             await Connection(websocket, service, session_id).run()
     finally:
         telemetry.connection_closed()
+
+
+class Connections:
+    """The live connections, with a way to wait until there are none."""
+
+    def __init__(self) -> None:
+        self._live: set[Connection] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def add(self, connection: Connection) -> None:
+        self._live.add(connection)
+        self._empty.clear()
+
+    def discard(self, connection: Connection) -> None:
+        self._live.discard(connection)
+        if not self._live:
+            self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def snapshot(self) -> list[Connection]:
+        return list(self._live)
+
+    async def wait_empty(self, limit: float) -> bool:
+        """Wait up to `limit` seconds for the last connection to go; True if none is left."""
+        try:
+            await asyncio.wait_for(self._empty.wait(), limit)
+        except TimeoutError:
+            return False
+        return True
+
+
+def max_connections_error(limit: int) -> MaxConnections:
+    return MaxConnections(f"the service is at its limit of {limit} connections; retry later")
 
 
 class Connection:
@@ -92,22 +146,33 @@ class Connection:
         )
         self.generation: asyncio.Task[None] | None = None
         self.turn: Turn | None = None
+        self.ending: Ending | None = None
+        self.draining = False
+        self._receiver: asyncio.Task[str] | None = None
+        self._send_started = 0.0  # loop time a token send began; 0 when none is pending
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         self.telemetry.session_started()
+        self.service.connections.add(self)
         started = time.monotonic()
         log.info("session_started", client=_client(self.ws))
         reason = "disconnect"
         try:
             await self.send({"type": "session_started", "session_id": self.conversation.session_id})
-            async with asyncio.TaskGroup() as group:
-                try:
-                    reason = await self.receive_loop(group)
-                finally:
-                    await self.stop_generation()
+            if self.draining:
+                self.end(self.service.shutdown_ending())
+            else:
+                async with asyncio.TaskGroup() as group:
+                    self._receiver = group.create_task(self.receive_loop(group))
+                reason = self._receiver.result() if not self._receiver.cancelled() else "ended"
+            if self.ending is not None:
+                reason = self.ending.reason
+                await self._close(self.ending)
         except _GONE:
             pass
         finally:
+            self.service.connections.discard(self)
             self.telemetry.session_ended()
             log.info(
                 "session_closed",
@@ -118,24 +183,27 @@ class Connection:
 
     async def receive_loop(self, group: asyncio.TaskGroup) -> str:
         max_bytes = self.settings.llm_max_message_bytes
-        while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return "disconnect"
-            text = message.get("text")
-            try:
-                if text is None:
-                    raise InvalidMessage("binary frames are not accepted; send JSON text frames")
-                frame = parse_client_frame(text, max_bytes)
-                if await self.handle(frame, group):
-                    return "end_session"
-            except ServiceError as exc:
-                await self.send_error(exc)
-            except _GONE:
-                raise
-            except Exception as exc:  # the boundary: a bug must not end the connection
-                log.exception("frame_handling_failed")
-                await self.send_error(InternalError(f"internal error: {type(exc).__name__}"))
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return "disconnect"
+                text = message.get("text")
+                try:
+                    if text is None:
+                        raise InvalidMessage("binary frames are not accepted; send JSON text")
+                    frame = parse_client_frame(text, max_bytes)
+                    if await self.handle(frame, group):
+                        return "end_session"
+                except ServiceError as exc:
+                    await self.send_error(exc)
+                except _GONE:
+                    return "disconnect"
+                except Exception as exc:  # the boundary: a bug must not end the connection
+                    log.exception("frame_handling_failed")
+                    await self.send_error(InternalError(f"internal error: {type(exc).__name__}"))
+        finally:
+            await self.stop_generation()
 
     async def handle(self, frame: ClientFrame, group: asyncio.TaskGroup) -> bool:
         """Answer one frame; True when the session is over."""
@@ -179,11 +247,16 @@ class Connection:
     async def generate(self, turn: Turn) -> None:
         """Stream one reply to the client; errors end the turn, never the connection."""
         send = self.ws.send_text
+        loop = asyncio.get_running_loop()
+        clock = loop.time
+        self._watchdog = loop.call_later(self.settings.llm_send_timeout_s, self._check_sends)
         try:
             async with aclosing(turn.stream()) as stream:
                 async for item in stream:
                     if isinstance(item, str):
+                        self._send_started = clock()
                         await send(token_frame(item))
+                        self._send_started = 0.0
                     else:
                         await self.send({"type": "response_complete", "stats": item.to_wire()})
                         log.info(
@@ -201,6 +274,24 @@ class Connection:
         except Exception as exc:  # the boundary: a bug ends the turn with a frame, not the socket
             log.exception("turn_crashed")
             await self.send_error(InternalError(f"internal error: {type(exc).__name__}"))
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._send_started = 0.0
+        if self.draining:
+            self.end(self.service.shutdown_ending())
+
+    def _check_sends(self) -> None:
+        """Timer callback: end the connection if a send has been blocked for too long."""
+        limit = self.settings.llm_send_timeout_s
+        loop = asyncio.get_running_loop()
+        blocked_since = self._send_started
+        if blocked_since and loop.time() - blocked_since >= limit:
+            log.warning("client_not_reading", blocked_s=round(loop.time() - blocked_since, 1))
+            self.telemetry.connection_rejected("send_timeout")
+            self.end(Ending(CLOSE_POLICY, f"client not reading for {limit:g} s"))
+        else:
+            self._watchdog = loop.call_at((blocked_since or loop.time()) + limit, self._check_sends)
 
     async def cancel(self) -> None:
         turn, task = self.turn, self.generation
@@ -220,12 +311,43 @@ class Connection:
             task.cancel()
             await asyncio.wait({task})
 
+    def begin_drain(self) -> None:
+        """The service is shutting down: end now if idle, else once the reply in flight ends."""
+        self.draining = True
+        if not self.busy:
+            self.end(self.service.shutdown_ending())
+
+    def end(self, ending: Ending) -> None:
+        """End the connection from outside its receive loop (idempotent)."""
+        if self.ending is None:
+            self.ending = ending
+        if self._receiver is not None:
+            self._receiver.cancel()
+
+    async def _close(self, ending: Ending) -> None:
+        # A client that stopped reading blocks every send, the close frame too: bound them.
+        limit = self.settings.llm_send_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                if ending.error is not None:
+                    await self.send_error(ending.error)
+                await self.ws.close(ending.code, ending.reason[:120])
+        except TimeoutError:
+            log.warning("close_not_delivered", code=ending.code)
+
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send_text(dumps(frame))
 
     async def send_error(self, exc: ServiceError) -> None:
         self.telemetry.error(exc.code)
         await self.send({"type": "error", "error": exc.to_wire()})
+
+
+def shutting_down_error(grace_s: float) -> ServiceShuttingDown:
+    return ServiceShuttingDown(
+        f"the service is shutting down; reconnect to continue (replies in flight had "
+        f"{grace_s:g} s to finish)"
+    )
 
 
 def _client(ws: WebSocket) -> str:

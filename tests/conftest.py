@@ -37,6 +37,8 @@ def make_settings(**overrides: Any) -> Settings:
         "llm_host": "127.0.0.1",
         "log_level": "WARNING",
         "health_cache_ttl_s": 0.0,
+        "llm_retry_backoff_s": 0.01,
+        "llm_retry_max_backoff_s": 0.05,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -172,7 +172,8 @@ FAILURES = [
 async def test_http_errors_before_streaming_map_to_codes_and_leave_no_trace(
     service: RunningService, fake_ollama: FakeOllama, reply: Reply, code: str
 ) -> None:
-    fake_ollama.script(Reply(chunks=["Fine."]), reply, Reply(chunks=["Back."]))
+    attempts = 3 if code == "upstream_unavailable" else 1  # transient failures are retried
+    fake_ollama.script(Reply(chunks=["Fine."]), *[reply] * attempts, Reply(chunks=["Back."]))
     client = await service.connect()
     await client.start()
     await client.turn("one")

@@ -28,6 +28,7 @@ from llm_service.errors import (
     EngineError,
     ModelNotFound,
     UpstreamError,
+    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -232,4 +233,6 @@ async def _status_error(response: httpx.Response, model: str) -> EngineError:
         return ModelNotFound(f"model {model!r} not found in Ollama; pull it first ({message})")
     if status in (429, 502, 503, 504):
         return UpstreamUnavailable(text)
+    if 400 <= status < 500:
+        return UpstreamRejected(text)
     return UpstreamError(text)
