@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from typing import Any
 
 import pytest
 
-from tests.conftest import Client, RunningService, make_settings, running_service, tokens_of
+from tests.conftest import (
+    Client,
+    RunningService,
+    bound_socket,
+    make_settings,
+    running_service,
+    tokens_of,
+)
 from tests.fakes.ollama import FakeOllama, Reply, fake_token_count
 
 
@@ -290,3 +299,41 @@ async def test_refused_connection_is_upstream_unavailable_then_recovers(
     assert frames[-1]["type"] == "response_complete"
     assert (await service.get("/health")).status_code == 200
     await client.close()
+
+
+async def test_connect_timeout_is_a_timeout_error() -> None:
+    # A listener whose accept queue is full drops new SYNs: connecting hangs until the timeout.
+    listener = bound_socket()
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        queued.append(filler)
+    settings = make_settings(ollama_base_url=f"http://127.0.0.1:{port}", llm_connect_timeout_s=0.3)
+    try:
+        async with running_service(settings) as service:
+            client = await service.connect()
+            await client.start()
+            frames = await client.turn("hello?")
+            assert frames[-1]["error"]["code"] == "timeout"
+            assert "ConnectTimeout" in frames[-1]["error"]["message"]
+            await client.close()
+    finally:
+        for sock in (*queued, listener):
+            sock.close()
+
+
+async def test_slow_model_load_hits_the_first_token_timeout(fake_ollama: FakeOllama) -> None:
+    settings = make_settings(ollama_base_url=fake_ollama.url, llm_first_token_timeout_s=0.3)
+    fake_ollama.script(Reply(header_delay=2.0))
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await client.start()
+        frames = await client.turn("hello?")
+        assert frames[-1]["error"]["code"] == "timeout"
+        await fake_ollama.chats[0].wait_closed(limit=1.0)
+        await client.close()
