@@ -9,7 +9,7 @@ and a liveness `/health` on the monitoring port, reading the same `Service`.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +20,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llm_service import __version__
-from llm_service.backends import make_backend
+from llm_service.backends import BackendChoice, open_backend
 from llm_service.backends.base import LLMBackend
+from llm_service.backends.llamacpp import ModelFileError
 from llm_service.backends.resilient import ResilientBackend, RetryPolicy
 from llm_service.breaker import CircuitBreaker
 from llm_service.config import Settings
+from llm_service.device import DeviceUnavailableError
 from llm_service.errors import ServiceError
 from llm_service.health import EngineHealth
 from llm_service.metrics import CIRCUIT_STATES, Telemetry
@@ -47,12 +49,20 @@ class Service:
 
     settings: Settings
     backend: LLMBackend
+    choice: BackendChoice
     breaker: CircuitBreaker
     telemetry: Telemetry
     health: EngineHealth
     started_at: float = field(default_factory=time.monotonic)
     connections: Connections = field(default_factory=Connections)
     draining: bool = False
+
+    @property
+    def context_window(self) -> int:
+        """The context a conversation may fill: the setting, capped by what the engine holds."""
+        limit = self.backend.context_limit
+        window = self.settings.default_context_window
+        return window if limit is None else min(window, limit)
 
     def refusal(self) -> tuple[ServiceError, int] | None:
         """Why a new connection cannot be served, with its close code; None to serve it."""
@@ -95,6 +105,9 @@ class Service:
             "active_connections": totals.active_connections,
             "active_sessions": totals.active_sessions,
             "backend": self.backend.name,
+            "backend_reason": self.choice.reason,
+            "device": self.choice.describe_device(),
+            "context_window": self.context_window,
             "circuit_breaker": self.breaker.snapshot(),
             "engine": {
                 "reachable": engine.reachable,
@@ -108,17 +121,22 @@ class Service:
         return (200 if status == "healthy" else 503), body
 
 
-BackendFactory = Callable[[Settings], LLMBackend]
+BackendFactory = Callable[[Settings], Awaitable[BackendChoice]]
 
 
-def create_app(settings: Settings, backend_factory: BackendFactory = make_backend) -> FastAPI:
+def create_app(settings: Settings, backend_factory: BackendFactory = open_backend) -> FastAPI:
     """The main app: `/ws/llm`, `/health`, `/stats`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             telemetry = Telemetry()
-            engine = backend_factory(settings)
+            try:
+                choice = await backend_factory(settings)
+            except (ModelFileError, DeviceUnavailableError) as exc:
+                log.error("engine_unavailable", error=str(exc))
+                raise
+            engine = choice.backend
             stack.push_async_callback(engine.aclose)
             breaker = CircuitBreaker(
                 settings.circuit_breaker_failure_threshold,
@@ -134,9 +152,13 @@ def create_app(settings: Settings, backend_factory: BackendFactory = make_backen
             backend = ResilientBackend(engine, breaker, retry, telemetry)
             health = EngineHealth(engine, settings.health_cache_ttl_s, telemetry)
             stack.push_async_callback(health.aclose)
-            app.state.service = Service(settings, backend, breaker, telemetry, health)
+            app.state.service = Service(settings, backend, choice, breaker, telemetry, health)
             log.info(
-                "service_ready", backend=backend.name, model=backend.model, port=settings.llm_port
+                "service_ready",
+                backend=backend.name,
+                model=backend.model,
+                reason=choice.reason,
+                device=choice.describe_device(),
             )
             yield
             log.info("service_stopping")

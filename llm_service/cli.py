@@ -13,9 +13,11 @@ from typing import Annotated, Any
 
 import typer
 
-from llm_service.backends import make_backend
+from llm_service.backends import open_backend
 from llm_service.backends.base import ChatMessage, GenerationParams, StreamEnd
+from llm_service.backends.llamacpp import ModelFileError
 from llm_service.config import ConfigError, Settings, load_settings
+from llm_service.device import DeviceUnavailableError
 from llm_service.errors import ServiceError
 
 cli = typer.Typer(
@@ -66,13 +68,23 @@ def test_engine(
 
 
 async def _check_engine(settings: Settings) -> bool:
-    backend = make_backend(settings)
+    typer.echo(f"backend   LLM_BACKEND={settings.llm_backend}")
     try:
-        typer.echo(f"engine    {backend.name} ({settings.ollama_base_url})")
+        choice = await open_backend(settings)
+    except (ModelFileError, DeviceUnavailableError) as exc:
+        return _verdict(False, str(exc))
+    backend = choice.backend
+    try:
+        typer.echo(f"engine    {backend.name}: {choice.reason}")
+        if choice.device is not None:
+            typer.echo(
+                f"device    {choice.device.kind} ({choice.device.name}, "
+                f"from {choice.device.source})"
+            )
         status = await backend.status()
         if not status.reachable:
             return _verdict(False, f"the engine cannot be reached: {status.detail}")
-        typer.echo(f"reachable yes, version {status.version}")
+        typer.echo(f"reachable yes, {status.detail}, version {status.version}")
         if status.model_available is False:
             return _verdict(
                 False,

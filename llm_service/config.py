@@ -9,6 +9,7 @@ per bad variable, named as the operator wrote it. `.env.example` lists them all.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,7 +32,7 @@ class Settings(BaseSettings):
     )
 
     # Engine
-    llm_backend: Literal["ollama"] = "ollama"
+    llm_backend: Literal["auto", "ollama", "llamacpp"] = "auto"
     llm_model: str = Field("llama3.2:1b", min_length=1)
     ollama_base_url: str = "http://localhost:11434"
     ollama_keep_alive: str = "5m"
@@ -39,6 +40,9 @@ class Settings(BaseSettings):
     compute_device: Literal["cuda", "cpu", "mps"] | None = None
     gpu_device_id: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1)
+    num_workers: int = Field(1, ge=1, le=16)
+    llamacpp_model_path: Path | None = None
+    llamacpp_queue_size: int = Field(16, ge=0)
 
     # Upstream timeouts, in seconds
     llm_connect_timeout_s: float = Field(5.0, gt=0)
@@ -77,7 +81,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("compute_device", "num_threads", "ollama_api_key", mode="before")
+    @field_validator(
+        "compute_device", "num_threads", "ollama_api_key", "llamacpp_model_path", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -141,7 +141,7 @@ class Connection:
             session_id=session_id,
             config=SessionConfig.from_settings(service.settings),
             backend=service.backend,
-            context_window=service.settings.default_context_window,
+            context_window=service.context_window,
             telemetry=service.telemetry,
         )
         self.generation: asyncio.Task[None] | None = None

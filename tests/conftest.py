@@ -16,7 +16,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from llm_service.backends import make_backend
+from llm_service.backends import open_backend
 from llm_service.config import Settings
 from llm_service.server import ServiceRunner
 from tests.fakes.ollama import FakeOllama
@@ -35,6 +35,7 @@ def make_settings(**overrides: Any) -> Settings:
     """Settings for a test: defaults, no `.env`, loopback only, then `overrides`."""
     values: dict[str, Any] = {
         "llm_host": "127.0.0.1",
+        "llm_backend": "ollama",
         "log_level": "WARNING",
         "health_cache_ttl_s": 0.0,
         "llm_retry_backoff_s": 0.01,
@@ -73,7 +74,7 @@ class RunningService:
 
 @contextlib.asynccontextmanager
 async def running_service(
-    settings: Settings, backend_factory: Callable[[Settings], Any] = make_backend
+    settings: Settings, backend_factory: Callable[[Settings], Any] = open_backend
 ) -> AsyncIterator[RunningService]:
     main_sock, monitoring_sock = bound_socket(), bound_socket()
     runner = ServiceRunner(settings, backend_factory)

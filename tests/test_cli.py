@@ -81,7 +81,9 @@ async def test_engine_check_fails_clearly_when_unreachable(tmp_path: Path) -> No
     sock = bound_socket()  # bound, never listening: connections are refused
     try:
         port = sock.getsockname()[1]
-        code, out = await run_cli(tmp_path, "test", OLLAMA_BASE_URL=f"http://127.0.0.1:{port}")
+        code, out = await run_cli(
+            tmp_path, "test", LLM_BACKEND="ollama", OLLAMA_BASE_URL=f"http://127.0.0.1:{port}"
+        )
     finally:
         sock.close()
     assert code == 1
@@ -98,3 +100,28 @@ async def test_engine_check_fails_when_model_is_missing(
     )
     assert code == 1
     assert "missing:3b" in out and "pull" in out
+
+
+async def test_engine_check_runs_the_embedded_engine(tmp_path: Path) -> None:
+    code, out = await run_cli(tmp_path, "test", LLM_BACKEND="llamacpp")
+    assert code == 0, out
+    assert "engine    llamacpp" in out
+    assert "SmolLM2-135M-Instruct" in out
+    assert "tokens/s" in out and "verdict   OK" in out
+
+
+async def test_engine_check_reports_a_missing_model_file(tmp_path: Path) -> None:
+    code, out = await run_cli(
+        tmp_path, "test", LLM_BACKEND="llamacpp", LLAMACPP_MODEL_PATH=str(tmp_path / "nope.gguf")
+    )
+    assert code == 1
+    assert "nope.gguf" in out and "LLAMACPP_MODEL_PATH" in out
+    assert "Traceback" not in out
+
+
+async def test_engine_check_refuses_a_gpu_that_is_not_there(tmp_path: Path) -> None:
+    code, out = await run_cli(tmp_path, "test", LLM_BACKEND="llamacpp", COMPUTE_DEVICE="cuda")
+    if "device    cuda" in out:
+        return  # this host has an NVIDIA GPU: nothing to refuse
+    assert code == 1
+    assert "COMPUTE_DEVICE=cuda" in out

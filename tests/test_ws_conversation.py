@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
-from tests.conftest import RunningService, poll, tokens_of
+import pytest
+
+from tests.conftest import RunningService, make_settings, poll, running_service, tokens_of
 from tests.fakes.ollama import FakeOllama, Reply, fake_token_count, fake_tokens
 
 
@@ -185,3 +188,32 @@ async def test_end_session_reports_and_closes_with_1000(service: RunningService)
     assert ended["stats"]["turns"] == 1
     await asyncio.wait_for(client.ws.wait_closed(), 2)
     assert client.ws.close_code == 1000
+
+
+@pytest.mark.parametrize(
+    ("device", "expected", "absent"),
+    [
+        (
+            {"compute_device": "cpu", "num_threads": 3},
+            {"num_gpu": 0, "num_thread": 3},
+            ["main_gpu"],
+        ),
+        ({"compute_device": "cuda", "gpu_device_id": 1}, {"main_gpu": 1}, ["num_gpu"]),
+        ({}, {}, ["num_gpu", "main_gpu", "num_thread"]),
+    ],
+    ids=["cpu", "cuda", "unset"],
+)
+async def test_compute_device_reaches_ollama_options(
+    fake_ollama: FakeOllama, device: dict[str, Any], expected: dict[str, int], absent: list[str]
+) -> None:
+    settings = make_settings(ollama_base_url=fake_ollama.url, **device)
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await client.start()
+        await client.turn("hi")
+        options = fake_ollama.chats[0].options
+        assert {k: options[k] for k in expected} == expected
+        assert not set(absent) & set(options)
+        health = (await service.get("/health")).json()
+        assert (health["device"] or {}).get("kind") == device.get("compute_device")
+        await client.close()

@@ -67,6 +67,7 @@ class LLMBackend(Protocol):
 
     name: str
     model: str
+    context_limit: int | None  # the most context the engine can hold, when it is fixed
 
     def stream_chat(
         self, messages: Sequence[ChatMessage], params: GenerationParams

@@ -41,6 +41,7 @@ class OllamaBackend:
     """Streams chat replies from an Ollama server."""
 
     name = "ollama"
+    context_limit: int | None = None  # Ollama takes num_ctx per request
 
     def __init__(
         self,

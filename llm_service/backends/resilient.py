@@ -56,6 +56,7 @@ class ResilientBackend:
         self.inner = inner
         self.name = inner.name
         self.model = inner.model
+        self.context_limit = inner.context_limit
         self.breaker = breaker
         self._retry = retry
         self._telemetry = telemetry

