@@ -16,8 +16,9 @@ import typer
 from llm_service.backends import open_backend
 from llm_service.backends.base import ChatMessage, GenerationParams, StreamEnd
 from llm_service.backends.llamacpp import ModelFileError
+from llm_service.backends.ollama import OllamaBackend
 from llm_service.config import ConfigError, Settings, load_settings
-from llm_service.device import DeviceUnavailableError
+from llm_service.device import DeviceUnavailableError, detect_device
 from llm_service.errors import ServiceError
 
 cli = typer.Typer(
@@ -60,14 +61,41 @@ def websocket(
 @cli.command("test")
 def test_engine(
     model: Annotated[str | None, typer.Option(help="Model name (LLM_MODEL)")] = None,
+    pull: Annotated[
+        bool, typer.Option("--pull", help="Pull LLM_MODEL through Ollama if it is missing")
+    ] = False,
 ) -> None:
     """Check the engine as an operator would: reachable, version, model, a short generation."""
     settings = _settings(llm_model=model)
-    ok = asyncio.run(_check_engine(settings))
+    ok = asyncio.run(_check_engine(settings, pull))
     raise typer.Exit(0 if ok else 1)
 
 
-async def _check_engine(settings: Settings) -> bool:
+async def _pull(backend: OllamaBackend) -> bool:
+    """Pull the model with a progress bar; False when the pull failed."""
+    typer.echo(f"pull      {backend.model} from Ollama's library")
+    last_status = ""
+    try:
+        async for step in backend.pull():
+            if step.total and step.completed is not None:
+                done = step.completed / step.total
+                bar = "#" * int(done * 30)
+                typer.echo(
+                    f"\r          [{bar:<30}] {done:6.1%} of {step.total / 1e6:,.0f} MB", nl=False
+                )
+            elif step.status != last_status:
+                typer.echo(
+                    ("\n" if last_status.startswith("pulling ") else "")
+                    + f"          {step.status}"
+                )
+            last_status = step.status
+    except ServiceError as exc:
+        typer.echo("")
+        return _verdict(False, f"pull failed [{exc.code}]: {exc.message}")
+    return True
+
+
+async def _check_engine(settings: Settings, pull: bool = False) -> bool:
     typer.echo(f"backend   LLM_BACKEND={settings.llm_backend}")
     try:
         choice = await open_backend(settings)
@@ -85,11 +113,15 @@ async def _check_engine(settings: Settings) -> bool:
         if not status.reachable:
             return _verdict(False, f"the engine cannot be reached: {status.detail}")
         typer.echo(f"reachable yes, {status.detail}, version {status.version}")
+        if status.model_available is False and pull and isinstance(backend, OllamaBackend):
+            if not await _pull(backend):
+                return False
+            status = await backend.status()
         if status.model_available is False:
             return _verdict(
                 False,
                 f"model {backend.model!r} is not present; pull it first "
-                f"(ollama pull {backend.model})",
+                f"(python main.py test --pull, or ollama pull {backend.model})",
             )
         typer.echo(f"model     {backend.model} present")
         try:
@@ -148,6 +180,18 @@ def config(
     width = max(len(name) for name in shown)
     for name, value in shown.items():
         typer.echo(f"{name:<{width}}  {value}")
+    typer.echo(f"# device on this host: {_describe_device(settings)}")
+
+
+def _describe_device(settings: Settings) -> str:
+    try:
+        device = detect_device(settings.compute_device, settings.gpu_device_id)
+    except DeviceUnavailableError as exc:
+        return f"unavailable: {exc}"
+    note = (
+        "" if settings.compute_device else "; Ollama chooses its own unless COMPUTE_DEVICE is set"
+    )
+    return f"{device.kind} ({device.name}, from {device.source}){note}"
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -34,6 +35,17 @@ from llm_service.errors import (
 )
 
 _MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PullProgress:
+    """One progress line of `/api/pull`."""
+
+    status: str
+    completed: int | None = None
+    total: int | None = None
+
+
 _PROBE_TIMEOUT_S = 1.0
 
 
@@ -164,6 +176,30 @@ class OllamaBackend:
                 raise UpstreamError(f"unreadable line from Ollama: {line[:200]!r}") from exc
             if content:
                 yield content
+
+    async def pull(self) -> AsyncGenerator[PullProgress, None]:
+        """Pull the model through `/api/pull`, yielding Ollama's progress lines."""
+        body = {"model": self.model, "stream": True}
+        try:
+            # Downloads pause between layers; the backstop read timeout bounds each pause.
+            async with self._client.stream("POST", "/api/pull", json=body) as response:
+                if response.status_code != 200:
+                    raise await _status_error(response, self.model)
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    data = orjson.loads(line)
+                    if "error" in data:
+                        raise UpstreamError(f"Ollama could not pull {self.model}: {data['error']}")
+                    yield PullProgress(
+                        status=str(data.get("status", "")),
+                        completed=data.get("completed"),
+                        total=data.get("total"),
+                    )
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.base_url) from exc
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamError("unreadable progress line from Ollama's /api/pull") from exc
 
     async def status(self) -> EngineStatus:
         try:

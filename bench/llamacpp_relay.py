@@ -1,0 +1,169 @@
+"""What the service costs on top of the embedded engine: raw llama-cpp-python vs /ws/llm.
+
+Runs, alternately and on the same prompt, model and sampling settings (temperature 0):
+  raw      llama-cpp-python's create_chat_completion(stream=True) in this process
+  service  the same generation asked of `python main.py websocket` (LLM_BACKEND=llamacpp)
+           over its WebSocket, timed at the client
+and prints medians of time to first token and tokens per second, with the ratio.
+
+    .venv/bin/python bench/llamacpp_relay.py [--rounds 7] [--max-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import websockets
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llm_service.backends.llamacpp import packaged_model_path  # noqa: E402
+
+PROMPT = "Write a short story about a lighthouse keeper and a storm."
+SAMPLING = {"temperature": 0.0, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
+
+
+@dataclass
+class Run:
+    ttft_s: float
+    total_s: float
+    tokens: int
+    text: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.total_s
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def raw_run(llm: object, max_tokens: int, count: object) -> Run:
+    started = time.perf_counter()
+    first = None
+    parts = []
+    stream = llm.create_chat_completion(  # type: ignore[attr-defined]
+        messages=[{"role": "user", "content": PROMPT}], stream=True, max_tokens=max_tokens,
+        min_p=0.0, **SAMPLING,
+    )
+    for chunk in stream:
+        text = chunk["choices"][0]["delta"].get("content")
+        if text:
+            first = first or time.perf_counter()
+            parts.append(text)
+    total = time.perf_counter() - started
+    reply = "".join(parts)
+    return Run((first or started) - started, total, count(reply), reply)  # type: ignore[operator]
+
+
+async def service_run(url: str, max_tokens: int, count: object) -> Run:
+    async with websockets.connect(url, compression=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "start_session",
+                                  "config": {"max_tokens": max_tokens, **SAMPLING}}))
+        await ws.recv()
+        started = time.perf_counter()
+        await ws.send(json.dumps({"type": "user_message", "text": PROMPT}))
+        first = None
+        parts = []
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["type"] == "token":
+                first = first or time.perf_counter()
+                parts.append(frame["data"])
+            elif frame["type"] == "response_complete":
+                break
+            else:
+                raise RuntimeError(f"unexpected frame: {frame}")
+        total = time.perf_counter() - started
+    reply = "".join(parts)
+    return Run((first or started) - started, total, count(reply), reply)  # type: ignore[operator]
+
+
+def start_service(port: int, monitoring_port: int, threads: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "LLM_BACKEND": "llamacpp", "LLM_HOST": "127.0.0.1",
+           "LLM_PORT": str(port), "LLM_MONITORING_PORT": str(monitoring_port),
+           "NUM_THREADS": str(threads), "LOG_LEVEL": "WARNING", "LOG_FORMAT": "json"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "websocket"], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError("the service exited during start-up")
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the service did not become healthy within 60 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="llama.cpp threads, the same on both sides")
+    args = parser.parse_args()
+
+    from llama_cpp import Llama
+
+    threads = args.threads
+    model = packaged_model_path()
+    llm = Llama(model_path=str(model), n_ctx=8192, n_threads=threads, verbose=False)
+
+    def count(text: str) -> int:
+        return len(llm.tokenize(text.encode(), add_bos=False, special=False))
+
+    port, monitoring_port = free_port(), free_port()
+    service = start_service(port, monitoring_port, threads)
+    url = f"ws://127.0.0.1:{port}/ws/llm"
+    raw: list[Run] = []
+    relayed: list[Run] = []
+    try:
+        raw_run(llm, args.max_tokens, count)  # warm-up: both sides load and cache the prompt
+        asyncio.run(service_run(url, args.max_tokens, count))
+        for _ in range(args.rounds):
+            raw.append(raw_run(llm, args.max_tokens, count))
+            relayed.append(asyncio.run(service_run(url, args.max_tokens, count)))
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+
+    same = all(r.text == s.text for r, s in zip(raw, relayed, strict=True))
+
+    def med(runs: list[Run], attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in runs)
+
+    raw_tps, svc_tps = med(raw, "tokens_per_second"), med(relayed, "tokens_per_second")
+    raw_ttft, svc_ttft = med(raw, "ttft_s") * 1000, med(relayed, "ttft_s") * 1000
+    print(f"model {model.name}, {raw[0].tokens} tokens a reply, {args.rounds} rounds "
+          f"alternating, {threads} threads, {platform.processor() or platform.machine()}, "
+          f"Python {platform.python_version()}; identical replies: {same}")
+    print(f"{'':24}{'raw llama-cpp':>16}{'via /ws/llm':>16}{'ratio / diff':>16}")
+    print(f"{'tokens per second':24}{raw_tps:16.1f}{svc_tps:16.1f}{svc_tps / raw_tps:16.3f}")
+    print(f"{'time to first token ms':24}{raw_ttft:16.1f}{svc_ttft:16.1f}"
+          f"{svc_ttft - raw_ttft:+16.1f}")
+
+
+if __name__ == "__main__":
+    main()
