@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from llm_service.app import BackendFactory, create_app, create_monitoring_app
-from llm_service.backends import make_backend
+from llm_service.backends import open_backend
 from llm_service.config import Settings
 
 # The hard cap on one incoming frame: larger frames close the socket with 1009. Frames between
@@ -53,7 +53,7 @@ class _Server(uvicorn.Server):
 class ServiceRunner:
     """The two servers of one service instance, started and stopped together."""
 
-    def __init__(self, settings: Settings, backend_factory: BackendFactory = make_backend) -> None:
+    def __init__(self, settings: Settings, backend_factory: BackendFactory = open_backend) -> None:
         self.settings = settings
         self.app: FastAPI = create_app(settings, backend_factory)
         common = {"log_config": None, "timeout_graceful_shutdown": 5}

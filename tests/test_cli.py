@@ -130,8 +130,14 @@ async def test_engine_check_refuses_a_gpu_that_is_not_there(tmp_path: Path) -> N
 async def test_engine_check_pulls_a_missing_model_with_pull(
     tmp_path: Path, fake_ollama: FakeOllama
 ) -> None:
-    code, out = await run_cli(tmp_path, "test", "--pull", LLM_BACKEND="ollama",
-                              OLLAMA_BASE_URL=fake_ollama.url, LLM_MODEL="qwen2.5:0.5b")
+    code, out = await run_cli(
+        tmp_path,
+        "test",
+        "--pull",
+        LLM_BACKEND="ollama",
+        OLLAMA_BASE_URL=fake_ollama.url,
+        LLM_MODEL="qwen2.5:0.5b",
+    )
     assert code == 0, out
     assert fake_ollama.hits.get("/api/pull") == 1
     assert "100.0%" in out and "success" in out

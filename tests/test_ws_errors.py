@@ -337,3 +337,30 @@ async def test_slow_model_load_hits_the_first_token_timeout(fake_ollama: FakeOll
         assert frames[-1]["error"]["code"] == "timeout"
         await fake_ollama.chats[0].wait_closed(limit=1.0)
         await client.close()
+
+
+async def test_missing_counters_fall_back_to_the_frame_count(
+    fake_ollama: FakeOllama, service: RunningService
+) -> None:
+    fake_ollama.script(Reply(chunks=["one", " two"], omit_counts=True))
+    client = await service.connect()
+    await client.start()
+    frames = await client.turn("hi")
+    assert frames[-1]["type"] == "response_complete"
+    assert frames[-1]["stats"]["tokens_generated"] == 2
+    await client.close()
+
+
+async def test_stream_ending_without_done_line_is_an_upstream_error(
+    fake_ollama: FakeOllama, service: RunningService
+) -> None:
+    fake_ollama.script(Reply(chunks=["cut", " short"], omit_done=True))
+    client = await service.connect()
+    await client.start()
+    frames = await client.turn("hi")
+    assert tokens_of(frames) == ["cut", " short"]
+    assert frames[-1]["error"]["code"] == "upstream_error"
+    assert "done" in frames[-1]["error"]["message"]
+    history = await client.history()
+    assert history[-1]["status"] == "incomplete"
+    await client.close()

@@ -154,8 +154,8 @@ class OllamaBackend:
             try:
                 async with asyncio.timeout(timeout):
                     line = await anext(lines)
-            except StopAsyncIteration:
-                raise UpstreamError("Ollama ended the stream without a final 'done' line") from None
+            except StopAsyncIteration as exc:
+                raise UpstreamError("Ollama ended the stream without a final 'done' line") from exc
             except TimeoutError as exc:
                 phase = "first chunk" if timeout == self._first_chunk_timeout else "next chunk"
                 raise UpstreamTimeout(f"Ollama sent no {phase} within {timeout:g} s") from exc

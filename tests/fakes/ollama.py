@@ -40,6 +40,7 @@ class Reply:
     eval_count: int | None = None  # default: fake_token_count of the reply text
     prompt_eval_count: int | None = None  # default: fake_token_count(messages)
     omit_counts: bool = False  # leave the counters out of the done line
+    omit_done: bool = False  # end the stream cleanly but without the done line
     done_reason: str = "stop"
 
 
@@ -265,6 +266,8 @@ class FakeOllama:
                 await asyncio.sleep(pause)
             await _line(response, self._message(model, chunk, False))
             record.chunks_sent += 1
+        if reply.omit_done:
+            return await self._finish(response, record)
         done = {
             **self._message(model, "", True),
             "done_reason": reply.done_reason,
