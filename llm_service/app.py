@@ -9,6 +9,7 @@ and a liveness `/health` on the monitoring port, reading the same `Service`.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,12 +31,14 @@ from llm_service.device import DeviceUnavailableError
 from llm_service.errors import ServiceError
 from llm_service.health import EngineHealth
 from llm_service.metrics import CIRCUIT_STATES, Telemetry
+from llm_service.security import Access, presented_key
 from llm_service.ws import (
     CLOSE_GOING_AWAY,
     CLOSE_TRY_AGAIN_LATER,
     Connections,
     Ending,
     max_connections_error,
+    max_per_client_error,
     shutting_down_error,
 )
 from llm_service.ws import router as ws_router
@@ -55,7 +58,15 @@ class Service:
     health: EngineHealth
     started_at: float = field(default_factory=time.monotonic)
     connections: Connections = field(default_factory=Connections)
+    clients: Counter[str] = field(default_factory=Counter)
     draining: bool = False
+
+    @property
+    def access(self) -> Access:
+        return self._access
+
+    def __post_init__(self) -> None:
+        self._access = Access(self.settings.api_keys(), self.settings.allowed_origins())
 
     @property
     def context_window(self) -> int:
@@ -64,12 +75,16 @@ class Service:
         window = self.settings.default_context_window
         return window if limit is None else min(window, limit)
 
-    def refusal(self) -> tuple[ServiceError, int] | None:
-        """Why a new connection cannot be served, with its close code; None to serve it."""
+    def refusal(self, client: str) -> tuple[ServiceError, int] | None:
+        """Why a new connection from `client` cannot be served, with its close code."""
+        settings = self.settings
         if self.draining:
-            return shutting_down_error(self.settings.llm_shutdown_grace_s), CLOSE_GOING_AWAY
-        if self.telemetry.totals.active_connections >= self.settings.llm_max_connections:
-            return max_connections_error(self.settings.llm_max_connections), CLOSE_TRY_AGAIN_LATER
+            return shutting_down_error(settings.llm_shutdown_grace_s), CLOSE_GOING_AWAY
+        if self.telemetry.totals.active_connections >= settings.llm_max_connections:
+            return max_connections_error(settings.llm_max_connections), CLOSE_TRY_AGAIN_LATER
+        per_client = settings.llm_max_connections_per_client
+        if per_client and self.clients[client] >= per_client:
+            return max_per_client_error(per_client), CLOSE_TRY_AGAIN_LATER
         return None
 
     def shutdown_ending(self) -> Ending:
@@ -153,6 +168,12 @@ def create_app(settings: Settings, backend_factory: BackendFactory = open_backen
             health = EngineHealth(engine, settings.health_cache_ttl_s, telemetry)
             stack.push_async_callback(health.aclose)
             app.state.service = Service(settings, backend, choice, breaker, telemetry, health)
+            if app.state.service.access.open:
+                log.warning(
+                    "access_open",
+                    detail="LLM_API_KEY is not set: anyone who can reach "
+                    "this port can use the service",
+                )
             log.info(
                 "service_ready",
                 backend=backend.name,
@@ -176,15 +197,34 @@ def create_app(settings: Settings, backend_factory: BackendFactory = open_backen
         return JSONResponse(body, status_code=code)
 
     @app.get("/stats")
-    async def stats(request: Request) -> dict[str, Any]:
+    async def stats(request: Request) -> Response:
         service = _service(request)
+        presented = presented_key(request.headers, request.query_params, ())
+        if not service.access.key_ok(presented.key):
+            service.telemetry.auth_failed("stats")
+            log.warning(
+                "auth_failed",
+                endpoint="/stats",
+                via=presented.via,
+                client=request.client.host if request.client else "unknown",
+            )
+            return JSONResponse(
+                {
+                    "error": {
+                        "code": "unauthorized",
+                        "message": "a valid API key is required (Authorization: Bearer <key>)",
+                    }
+                },
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         body = service.telemetry.stats()
         body["service"] = {
             "backend": service.backend.name,
             "model": service.backend.model,
             "uptime_s": round(time.monotonic() - service.started_at, 1),
         }
-        return body
+        return JSONResponse(body)
 
     return app
 

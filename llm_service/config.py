@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     llm_ws_compression: bool = False
     health_cache_ttl_s: float = Field(2.0, ge=0)
 
+    # Access control and abuse limits (0 turns a limit off)
+    llm_api_key: SecretStr | None = None
+    llm_allowed_origins: str = ""
+    llm_max_user_message_chars: int = Field(100_000, ge=0)
+    llm_rate_limit_turns_per_minute: int = Field(0, ge=0)
+    llm_max_history_turns: int = Field(0, ge=0)
+    llm_session_idle_timeout_s: float = Field(1800.0, ge=0)
+    llm_max_connections_per_client: int = Field(0, ge=0)
+
     # Generation defaults for a new session
     default_system_prompt: str = ""
     default_temperature: float = Field(0.7, ge=0, le=2)
@@ -82,7 +91,12 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
 
     @field_validator(
-        "compute_device", "num_threads", "ollama_api_key", "llamacpp_model_path", mode="before"
+        "compute_device",
+        "num_threads",
+        "ollama_api_key",
+        "llm_api_key",
+        "llamacpp_model_path",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
@@ -117,6 +131,18 @@ class Settings(BaseSettings):
             )
         return self
 
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys (LLM_API_KEY, comma-separated); empty when access is open."""
+        if self.llm_api_key is None:
+            return ()
+        return tuple(k.strip() for k in self.llm_api_key.get_secret_value().split(",") if k.strip())
+
+    def allowed_origins(self) -> frozenset[str]:
+        """The Origins allowed to open a WebSocket (LLM_ALLOWED_ORIGINS); empty: any."""
+        return frozenset(
+            o.strip().rstrip("/") for o in self.llm_allowed_origins.split(",") if o.strip()
+        )
+
     def shown(self) -> dict[str, str]:
         """Every setting as `NAME -> value` for display, secrets and URL passwords masked."""
         shown: dict[str, str] = {}
@@ -150,11 +176,13 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
+        secret = {n.upper() for n, f in Settings.model_fields.items() if "SecretStr" in str(f)}
         lines = []
         for err in exc.errors():
             where = ".".join(str(part) for part in err["loc"]).upper()
             given = err.get("input")
-            shown = "" if where == "" or isinstance(given, dict) else f" (got {given!r})"
+            hide = where in ("", *secret) or isinstance(given, dict)
+            shown = "" if hide else f" (got {given!r})"
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{where or 'settings'}: {message}{shown}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from exc

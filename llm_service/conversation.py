@@ -236,6 +236,7 @@ class Conversation:
     backend: LLMBackend
     context_window: int
     telemetry: Telemetry
+    max_history_turns: int = 0  # 0: no cap beyond the context budget
     system: Entry | None = None
     entries: list[Entry] = field(default_factory=list)
     turns: int = 0
@@ -267,8 +268,11 @@ class Conversation:
                 f"{fixed - user.tokens}, more than the {budget} the context window "
                 f"({self.context_window}) leaves beside max_tokens ({self.config.max_tokens})"
             )
-        total = fixed + sum(e.tokens for e in self.entries)
-        dropped = 0
+        # LLM_MAX_HISTORY_TURNS first (the new turn counts), then the context budget.
+        kept_turns = len(self.entries) // 2
+        cap = self.max_history_turns
+        dropped = 2 * max(0, kept_turns + 1 - cap) if cap else 0
+        total = fixed + sum(e.tokens for e in self.entries[dropped:])
         while total > budget:
             total -= self.entries[dropped].tokens + self.entries[dropped + 1].tokens
             dropped += 2

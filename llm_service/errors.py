@@ -11,9 +11,14 @@ caused them (`raise UpstreamUnavailable(...) from exc`); `ws.py` alone turns the
     │   ├── InvalidMessage               invalid_message
     │   ├── InvalidConfig                invalid_config
     │   ├── MessageTooLarge              message_too_large
+    │   ├── MessageTooLong               message_too_long
+    │   ├── RateLimited                  rate_limited (with retry_after_ms)
     │   ├── GenerationInProgress         generation_in_progress
     │   ├── ContextOverflow              context_overflow
-    │   └── MaxConnections               max_connections (closes the socket with 1013)
+    │   ├── MaxConnections               max_connections (closes the socket with 1013)
+    │   ├── MaxConnectionsPerClient      max_connections_per_client (closes with 1013)
+    │   ├── Unauthorized                 unauthorized (closes the socket with 1008)
+    │   └── SessionIdleTimeout           session_idle_timeout (closes the socket with 1000)
     ├── ServiceShuttingDown              service_shutting_down (closes the socket with 1001)
     ├── EngineError                      the engine failed or could not be reached
     │   ├── UpstreamUnavailable          upstream_unavailable
@@ -79,6 +84,14 @@ class MessageTooLarge(ClientError):
     code = "message_too_large"
 
 
+class MessageTooLong(ClientError):
+    code = "message_too_long"
+
+
+class RateLimited(ClientError):
+    code = "rate_limited"
+
+
 class GenerationInProgress(ClientError):
     code = "generation_in_progress"
 
@@ -90,6 +103,23 @@ class ContextOverflow(ClientError):
 class MaxConnections(ClientError):
     code = "max_connections"
     severity = "medium"
+    recoverable = False
+
+
+class MaxConnectionsPerClient(ClientError):
+    code = "max_connections_per_client"
+    severity = "medium"
+    recoverable = False
+
+
+class Unauthorized(ClientError):
+    code = "unauthorized"
+    severity = "medium"
+    recoverable = False
+
+
+class SessionIdleTimeout(ClientError):
+    code = "session_idle_timeout"
     recoverable = False
 
 

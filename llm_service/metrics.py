@@ -53,6 +53,12 @@ class Telemetry:
             ["reason"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            p + "auth_failures_total",
+            "Requests refused for a missing or wrong API key",
+            ["endpoint"],
+            registry=r,
+        )
         self.sessions_active = Gauge(
             p + "sessions_active", "Live conversation sessions", registry=r
         )
@@ -119,6 +125,9 @@ class Telemetry:
 
     def connection_rejected(self, reason: str) -> None:
         self.connections_rejected.labels(reason).inc()
+
+    def auth_failed(self, endpoint: str) -> None:
+        self.auth_failures.labels(endpoint).inc()
 
     def session_started(self) -> None:
         self.totals.active_sessions += 1

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from llm_service.app import BackendFactory, create_app, create_monitoring_app
 from llm_service.backends import open_backend
 from llm_service.config import Settings
+from llm_service.security import protect_server_logs
 
 # The hard cap on one incoming frame: larger frames close the socket with 1009. Frames between
 # LLM_MAX_MESSAGE_BYTES and this cap get a `message_too_large` error and the socket stays open.
@@ -56,6 +57,7 @@ class ServiceRunner:
     def __init__(self, settings: Settings, backend_factory: BackendFactory = open_backend) -> None:
         self.settings = settings
         self.app: FastAPI = create_app(settings, backend_factory)
+        protect_server_logs()
         common = {"log_config": None, "timeout_graceful_shutdown": 5}
         self._main = _Server(
             uvicorn.Config(

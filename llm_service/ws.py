@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from fastapi import APIRouter, WebSocket
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from llm_service.conversation import Conversation, SessionConfig, Turn, new_session_id
@@ -31,8 +32,13 @@ from llm_service.errors import (
     InternalError,
     InvalidMessage,
     MaxConnections,
+    MaxConnectionsPerClient,
+    MessageTooLong,
+    RateLimited,
     ServiceError,
     ServiceShuttingDown,
+    SessionIdleTimeout,
+    Unauthorized,
 )
 from llm_service.protocol import (
     Cancel,
@@ -45,6 +51,7 @@ from llm_service.protocol import (
     parse_client_frame,
     token_frame,
 )
+from llm_service.security import TurnRateLimiter, chosen_subprotocol, presented_key
 
 if TYPE_CHECKING:
     from llm_service.app import Service
@@ -71,26 +78,58 @@ class Ending:
 @router.websocket("/ws/llm")
 async def llm_socket(websocket: WebSocket) -> None:
     service: Service = websocket.app.state.service
-    await websocket.accept()
     telemetry = service.telemetry
-    refusal = service.refusal()
+    client = websocket.client.host if websocket.client else "unknown"
+    origin = websocket.headers.get("origin")
+    if not service.access.origin_ok(origin):
+        telemetry.connection_rejected("origin")
+        log.warning("origin_refused", origin=origin[:200] if origin else None, client=client)
+        await websocket.close(CLOSE_POLICY)  # before the handshake: uvicorn answers 403
+        return
+    subprotocols: list[str] = websocket.scope.get("subprotocols", [])
+    presented = presented_key(websocket.headers, websocket.query_params, subprotocols)
+    await websocket.accept(subprotocol=chosen_subprotocol(subprotocols))
+    if not service.access.key_ok(presented.key):
+        telemetry.auth_failed("ws")
+        log.warning(
+            "auth_failed",
+            endpoint="/ws/llm",
+            client=client,
+            via=presented.via,
+            reason="missing key" if presented.key is None else "wrong key",
+        )
+        error = Unauthorized(
+            "a valid API key is required (Authorization: Bearer, the token "
+            "query parameter, or a bearer.<key> subprotocol)"
+        )
+        await _refuse(websocket, service, error, CLOSE_POLICY)
+        return
+    refusal = service.refusal(client)
     if refusal is not None:
-        error, close_code = refusal
-        telemetry.connection_rejected(error.code)
-        telemetry.error(error.code)
-        try:
-            await websocket.send_text(dumps({"type": "error", "error": error.to_wire()}))
-            await websocket.close(close_code, error.code)
-        except _GONE:
-            pass
+        await _refuse(websocket, service, *refusal)
         return
     telemetry.connection_opened()
+    service.clients[client] += 1
     session_id = new_session_id()
     try:
         with structlog.contextvars.bound_contextvars(session_id=session_id):
             await Connection(websocket, service, session_id).run()
     finally:
         telemetry.connection_closed()
+        service.clients[client] -= 1
+        if not service.clients[client]:
+            del service.clients[client]
+
+
+async def _refuse(websocket: WebSocket, service: Service, error: ServiceError, code: int) -> None:
+    """Answer a connection that will get no session: one error frame, then the close."""
+    service.telemetry.connection_rejected(error.code)
+    service.telemetry.error(error.code)
+    try:
+        await websocket.send_text(dumps({"type": "error", "error": error.to_wire()}))
+        await websocket.close(code, error.code)
+    except _GONE:
+        pass
 
 
 class Connections:
@@ -129,6 +168,12 @@ def max_connections_error(limit: int) -> MaxConnections:
     return MaxConnections(f"the service is at its limit of {limit} connections; retry later")
 
 
+def max_per_client_error(limit: int) -> MaxConnectionsPerClient:
+    return MaxConnectionsPerClient(
+        f"this client address already has {limit} connections open (the limit); close one"
+    )
+
+
 class Connection:
     """One client socket: its session, its receive loop and its generation task."""
 
@@ -143,6 +188,7 @@ class Connection:
             backend=service.backend,
             context_window=service.context_window,
             telemetry=service.telemetry,
+            max_history_turns=service.settings.llm_max_history_turns,
         )
         self.generation: asyncio.Task[None] | None = None
         self.turn: Turn | None = None
@@ -151,6 +197,8 @@ class Connection:
         self._receiver: asyncio.Task[str] | None = None
         self._send_started = 0.0  # loop time a token send began; 0 when none is pending
         self._watchdog: asyncio.TimerHandle | None = None
+        self._rate = TurnRateLimiter(service.settings.llm_rate_limit_turns_per_minute)
+        self._active_at = 0.0  # loop time of the last client frame or end of a reply
 
     async def run(self) -> None:
         self.telemetry.session_started()
@@ -185,7 +233,19 @@ class Connection:
         max_bytes = self.settings.llm_max_message_bytes
         try:
             while True:
-                message = await self.ws.receive()
+                message = await self._next_message()
+                if message is None:
+                    self.end(
+                        Ending(
+                            CLOSE_NORMAL,
+                            "idle timeout",
+                            SessionIdleTimeout(
+                                f"no activity for {self.settings.llm_session_idle_timeout_s:g} s; "
+                                "the session is closed (LLM_SESSION_IDLE_TIMEOUT_S)"
+                            ),
+                        )
+                    )
+                    return "idle"
                 if message["type"] == "websocket.disconnect":
                     return "disconnect"
                 text = message.get("text")
@@ -205,12 +265,42 @@ class Connection:
         finally:
             await self.stop_generation()
 
+    async def _next_message(self) -> Message | None:
+        """The next client message, or None once the session has been idle too long. A reply
+        streaming counts as activity, so a long answer never makes a session idle."""
+        idle = self.settings.llm_session_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        self._active_at = loop.time()
+        if not idle:
+            return await self.ws.receive()
+        while True:
+            try:
+                async with asyncio.timeout_at(self._active_at + idle):
+                    return await self.ws.receive()
+            except TimeoutError:
+                if not self.busy and loop.time() >= self._active_at + idle:
+                    return None
+                if self.busy:
+                    self._active_at = loop.time()
+
     async def handle(self, frame: ClientFrame, group: asyncio.TaskGroup) -> bool:
         """Answer one frame; True when the session is over."""
         conv = self.conversation
         if isinstance(frame, UserMessage):
             if self.busy:
                 raise GenerationInProgress("a reply is still streaming; send cancel first")
+            limit = self.settings.llm_max_user_message_chars
+            if limit and len(frame.text) > limit:
+                raise MessageTooLong(
+                    f"the message has {len(frame.text)} characters; the limit is {limit}"
+                )
+            wait = self._rate.admit()
+            if wait:
+                per_minute = self.settings.llm_rate_limit_turns_per_minute
+                raise RateLimited(
+                    f"at most {per_minute} turns a minute on one connection; retry later",
+                    retry_after_ms=max(1, round(wait * 1000)),
+                )
             self.turn = conv.start_turn(frame.text)
             self.generation = group.create_task(self.generate(self.turn))
         elif isinstance(frame, Cancel):
@@ -278,6 +368,7 @@ class Connection:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self._send_started = 0.0
+            self._active_at = loop.time()
         if self.draining:
             self.end(self.service.shutdown_ending())
 

@@ -67,6 +67,10 @@ class RunningService:
         async with httpx.AsyncClient(timeout=5.0) as client:
             return await client.get((self.monitoring if monitoring else self.http) + path)
 
+    async def get_with_key(self, path: str, key: str) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            return await client.get(self.http + path, headers={"Authorization": f"Bearer {key}"})
+
     async def connect(self, **kwargs: Any) -> Client:
         ws = await websockets.connect(self.ws_url, compression=None, open_timeout=5, **kwargs)
         return Client(ws)

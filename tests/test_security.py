@@ -1,0 +1,228 @@
+"""Access control and abuse limits over real sockets: keys, origins, limits, idle sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import (
+    Client,
+    RunningService,
+    make_settings,
+    poll,
+    running_service,
+    tokens_of,
+)
+from tests.fakes.ollama import FakeOllama, Reply
+from tests.process import service_process
+from tests.test_http_and_limits import metric
+
+KEY = "ft-secret-7Qw9zX"
+OTHER_KEY = "ft-second-key-3"
+
+
+async def refused(client: Client, code: str, close_code: int) -> dict[str, Any]:
+    frame = await client.recv()
+    assert frame["type"] == "error" and frame["error"]["code"] == code, frame
+    await asyncio.wait_for(client.ws.wait_closed(), 2)
+    assert client.ws.close_code == close_code
+    error: dict[str, Any] = frame["error"]
+    return error
+
+
+@pytest.fixture
+async def keyed(fake_ollama: FakeOllama) -> Any:
+    settings = make_settings(ollama_base_url=fake_ollama.url, llm_api_key=f"{KEY}, {OTHER_KEY}")
+    async with running_service(settings) as service:
+        yield service
+
+
+async def test_missing_or_wrong_key_is_refused_before_any_session(keyed: RunningService) -> None:
+    for kwargs in (
+        {},
+        {"additional_headers": {"Authorization": "Bearer nope"}},
+        {"additional_headers": {"Authorization": f"Basic {KEY}"}},
+    ):
+        client = await keyed.connect(**kwargs)
+        error = await refused(client, "unauthorized", 1008)
+        assert KEY not in error["message"]
+    wrong_query = Client(await websockets.connect(keyed.ws_url + "?token=nope"))
+    await refused(wrong_query, "unauthorized", 1008)
+    stats = (await keyed.get_with_key("/stats", KEY)).json()
+    assert stats["connections"]["total_connections"] == 0
+    text = (await keyed.get("/metrics", monitoring=True)).text
+    assert metric(text, "llm_service_auth_failures_total", 'endpoint="ws"') == 4
+    assert metric(text, "llm_service_connections_rejected_total", 'reason="unauthorized"') == 4
+
+
+@pytest.mark.parametrize("place", ["header", "query", "subprotocol"])
+async def test_right_key_is_accepted_in_each_place(keyed: RunningService, place: str) -> None:
+    if place == "header":
+        ws = await websockets.connect(
+            keyed.ws_url, additional_headers={"Authorization": f"Bearer {KEY}"}
+        )
+    elif place == "query":
+        ws = await websockets.connect(f"{keyed.ws_url}?token={OTHER_KEY}")
+    else:
+        ws = await websockets.connect(
+            keyed.ws_url,
+            subprotocols=[  # type: ignore[list-item]
+                "fasttalk",
+                f"bearer.{KEY}",
+            ],
+        )
+        assert ws.subprotocol == "fasttalk"
+    client = Client(ws)
+    await client.start()
+    frames = await client.turn("hello")
+    assert frames[-1]["type"] == "response_complete"
+    await client.close()
+
+
+async def test_stats_needs_the_key_and_health_and_metrics_stay_open(keyed: RunningService) -> None:
+    async with httpx.AsyncClient(timeout=5) as http:
+        missing = await http.get(keyed.http + "/stats")
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert missing.json()["error"]["code"] == "unauthorized"
+        wrong = await http.get(keyed.http + "/stats", headers={"Authorization": "Bearer x"})
+        assert wrong.status_code == 401
+        right = await http.get(keyed.http + "/stats", headers={"Authorization": f"Bearer {KEY}"})
+        assert right.status_code == 200
+        assert KEY not in right.text
+        assert (await http.get(keyed.http + "/health")).status_code == 200
+        assert (await http.get(keyed.monitoring + "/metrics")).status_code == 200
+        assert (await http.get(keyed.monitoring + "/health")).status_code == 200
+    text = (await keyed.get("/metrics", monitoring=True)).text
+    assert metric(text, "llm_service_auth_failures_total", 'endpoint="stats"') == 2
+
+
+async def test_foreign_origin_is_refused(fake_ollama: FakeOllama) -> None:
+    settings = make_settings(
+        ollama_base_url=fake_ollama.url,
+        llm_allowed_origins="https://chat.example.com, http://localhost:3000",
+    )
+    async with running_service(settings) as service:
+        with pytest.raises(InvalidStatus) as caught:
+            await websockets.connect(service.ws_url, origin="https://evil.example")  # type: ignore[arg-type]
+        assert caught.value.response.status_code == 403
+        for origin in ("https://chat.example.com", "http://localhost:3000/", None):
+            ws = await websockets.connect(service.ws_url, origin=origin)  # type: ignore[arg-type]
+            client = Client(ws)
+            await client.start()
+            await client.close()
+        text = (await service.get("/metrics", monitoring=True)).text
+        assert metric(text, "llm_service_connections_rejected_total", 'reason="origin"') == 1
+
+
+async def test_long_message_and_rate_limit_have_their_codes(fake_ollama: FakeOllama) -> None:
+    settings = make_settings(
+        ollama_base_url=fake_ollama.url,
+        llm_max_user_message_chars=50,
+        llm_rate_limit_turns_per_minute=2,
+    )
+    async with running_service(settings) as service:
+        client, other = await service.connect(), await service.connect()
+        await client.start()
+        await other.start()
+        frames = await client.turn("x" * 51)
+        assert frames[-1]["error"]["code"] == "message_too_long"
+        assert frames[-1]["error"]["recoverable"] is True
+        for _ in range(2):
+            assert (await client.turn("hi"))[-1]["type"] == "response_complete"
+        frames = await client.turn("one more")
+        error = frames[-1]["error"]
+        assert error["code"] == "rate_limited" and error["recoverable"] is True
+        assert 0 < error["retry_after_ms"] <= 60_000
+        assert (await other.turn("my own budget"))[-1]["type"] == "response_complete"
+        assert len(fake_ollama.chats) == 3
+        await client.close()
+        await other.close()
+
+
+async def test_history_is_capped_at_max_history_turns(fake_ollama: FakeOllama) -> None:
+    settings = make_settings(ollama_base_url=fake_ollama.url, llm_max_history_turns=2)
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await client.start()
+        for i in range(4):
+            fake_ollama.script(Reply(chunks=[f"r{i}"]))
+            await client.turn(f"u{i}")
+        sent = [m["content"] for m in fake_ollama.chats[-1].messages]
+        assert sent == ["u2", "r2", "u3"]
+        frames = await client.turn("u4")
+        assert frames[-1]["stats"]["history_trimmed_turns"] == 1
+        await client.close()
+
+
+async def test_idle_session_is_closed_with_a_reason(fake_ollama: FakeOllama) -> None:
+    settings = make_settings(ollama_base_url=fake_ollama.url, llm_session_idle_timeout_s=0.5)
+    fake_ollama.script(Reply(chunks=["slow"] * 10, delay=0.1))  # a 1 s reply is not idleness
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await client.start()
+        frames = await client.turn("take your time")
+        assert tokens_of(frames) == ["slow"] * 10
+        error = await refused(client, "session_idle_timeout", 1000)
+        assert error["recoverable"] is False
+
+
+async def test_connections_per_client_address_are_limited(fake_ollama: FakeOllama) -> None:
+    settings = make_settings(ollama_base_url=fake_ollama.url, llm_max_connections_per_client=2)
+    async with running_service(settings) as service:
+        first, second = await service.connect(), await service.connect()
+        await first.start()
+        await second.start()
+        third = await service.connect()
+        await refused(third, "max_connections_per_client", 1013)
+        assert (await first.turn("still fine"))[-1]["type"] == "response_complete"
+        await second.close()
+
+        async def one_left() -> bool:
+            return bool((await service.get("/health")).json()["active_connections"] == 1)
+
+        await poll(one_left)
+        fourth = await service.connect()
+        frame = await fourth.recv()
+        assert frame["type"] == "session_started"
+        await first.close()
+        await fourth.close()
+
+
+async def test_key_never_reaches_logs_stats_or_config(
+    tmp_path: Path, fake_ollama: FakeOllama
+) -> None:
+    async with service_process(
+        tmp_path, OLLAMA_BASE_URL=fake_ollama.url, LLM_API_KEY=KEY, LOG_LEVEL="DEBUG"
+    ) as service:
+        for url in (f"{service.ws_url}?token={KEY}", f"{service.ws_url}?token=wrong-{KEY}"):
+            ws = await websockets.connect(url)
+            client = Client(ws)
+            first = await client.recv()
+            if first["type"] == "session_started":
+                await client.turn("hello")
+            await client.close()
+        async with httpx.AsyncClient(timeout=5) as http:
+            stats = await http.get(f"http://127.0.0.1:{service.port}/stats?token={KEY}")
+            assert stats.status_code == 200 and KEY not in stats.text
+        log = "".join(service.output)
+    assert "/ws/llm?token=[redacted]" in log  # uvicorn's own request line, masked
+    assert "auth_failed" in log
+    assert KEY not in log
+
+    from tests.test_cli import run_cli
+
+    code, out = await run_cli(tmp_path, "config", "--show", LLM_API_KEY=KEY)
+    assert code == 0 and KEY not in out and "LLM_API_KEY" in out
+
+
+async def test_open_service_warns_at_start_up(tmp_path: Path, fake_ollama: FakeOllama) -> None:
+    async with service_process(tmp_path, OLLAMA_BASE_URL=fake_ollama.url) as service:
+        pass
+    assert "access_open" in "".join(service.output)
