@@ -160,7 +160,10 @@ def main() -> None:
           f"alternating, {threads} threads, {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}; identical replies: {same}")
     print(f"{'':24}{'raw llama-cpp':>16}{'via /ws/llm':>16}{'ratio / diff':>16}")
+    paired = statistics.median(
+        s.tokens_per_second / r.tokens_per_second for r, s in zip(raw, relayed, strict=True))
     print(f"{'tokens per second':24}{raw_tps:16.1f}{svc_tps:16.1f}{svc_tps / raw_tps:16.3f}")
+    print(f"{'  paired ratio (median)':24}{'':32}{paired:16.3f}")
     print(f"{'time to first token ms':24}{raw_ttft:16.1f}{svc_ttft:16.1f}"
           f"{svc_ttft - raw_ttft:+16.1f}")
 
