@@ -95,6 +95,7 @@ def test_env_example_lists_every_setting_with_a_comment() -> None:
             assert lines[i - 1].startswith("# "), f"{name} has no comment above it"
             listed[name] = line.split("=", 1)[1]
     assert set(listed) == {name.upper() for name in Settings.model_fields}
-    # the example's values are the defaults
+    # the example's values are the defaults, but for the engine, which it names explicitly
+    assert listed.pop("LLM_BACKEND") == "ollama"
     example = load_settings(_env_file=None, **{k.lower(): v for k, v in listed.items()})
-    assert example == load_settings(_env_file=None)
+    assert example == load_settings(_env_file=None, llm_backend="auto")
