@@ -2,8 +2,9 @@
 
 Nothing exists before the lifespan starts: the backend, the telemetry, the health probe are
 made there, entered on one `AsyncExitStack` and closed in reverse when the app stops. The
-main app serves `/ws/llm`, `/health` and `/stats`; `create_monitoring_app` serves `/metrics`
-and a liveness `/health` on the monitoring port, reading the same `Service`.
+main app serves `/ws/llm`, `/health`, `/stats` and the chat page (`/`, `/chat`);
+`create_monitoring_app` serves `/metrics` and a liveness `/health` on the monitoring port,
+reading the same `Service`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from llm_service.errors import ServiceError
 from llm_service.health import EngineHealth
 from llm_service.metrics import CIRCUIT_STATES, Telemetry
 from llm_service.security import Access, presented_key
+from llm_service.web import router as web_router
 from llm_service.ws import (
     CLOSE_GOING_AWAY,
     CLOSE_TRY_AGAIN_LATER,
@@ -140,7 +142,7 @@ BackendFactory = Callable[[Settings], Awaitable[BackendChoice]]
 
 
 def create_app(settings: Settings, backend_factory: BackendFactory = open_backend) -> FastAPI:
-    """The main app: `/ws/llm`, `/health`, `/stats`."""
+    """The main app: `/ws/llm`, `/health`, `/stats` and the chat page at `/`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -190,6 +192,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory = open_backen
         lifespan=lifespan,
     )
     app.include_router(ws_router)
+    app.include_router(web_router)
 
     @app.get("/health")
     async def health(request: Request) -> Response:

@@ -128,6 +128,10 @@ class FakeOllama:
         if self._site is not None:
             await self._site.stop()
             self._site = None
+        # As when Ollama stops: the pooled keep-alive connections drop too.
+        assert self._runner is not None and self._runner.server is not None
+        for handler in self._runner.server.connections:
+            handler.force_close()
 
     async def accept(self) -> None:
         """Listen again, on the same port as before."""
