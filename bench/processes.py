@@ -1,0 +1,195 @@
+"""The processes a benchmark runs: the fake Ollama, the service and the baseline relay.
+
+Each is a subprocess on a free port of 127.0.0.1, started and waited for until it answers,
+its output kept in a log file shown when it fails, and stopped with SIGTERM (SIGKILL if it
+lingers). Also here: reading a process's resident memory and CPU time from `/proc`, and the
+machine's description for the report.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Proc:
+    """A started subprocess and where it listens."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/llm"
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the suite dies, so nothing is left behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _start(
+    name: str, args: list[str], env: dict[str, str], port: int, ready: str, logs: Path
+) -> Proc:
+    log = logs / f"{name}-{port}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            args,
+            env=env,
+            cwd=logs,  # not the repository: a developer's .env there must not apply
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+    proc = Proc(name, popen, port, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"{name} exited during start-up:\n{proc.log_tail()}")
+        try:
+            if httpx.get(proc.http + ready, timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.stop()
+    raise RuntimeError(f"{name} did not answer {ready} within 60 s:\n{proc.log_tail()}")
+
+
+def start_fake(logs: Path) -> Proc:
+    port = free_port()
+    args = [sys.executable, str(BENCH / "fake_upstream.py"), "--port", str(port)]
+    return _start("fake", args, dict(os.environ), port, "/api/version", logs)
+
+
+def start_service(upstream: str, logs: Path, max_connections: int = 5000) -> Proc:
+    """`python main.py websocket` on Ollama at `upstream`, as an operator would run it."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "LLM_BACKEND": "ollama",
+        "OLLAMA_BASE_URL": upstream,
+        "LLM_HOST": "127.0.0.1",
+        "LLM_PORT": str(port),
+        "LLM_MONITORING_PORT": str(free_port()),
+        "LLM_MAX_CONNECTIONS": str(max_connections),
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "json",
+        "LLM_SHUTDOWN_GRACE_S": "1",
+        # Room for the 3,000-token reply: Ollama's num_predict would cut it at 2,048.
+        "DEFAULT_MAX_TOKENS": "4096",
+    }
+    args = [sys.executable, str(ROOT / "main.py"), "websocket"]
+    return _start("service", args, env, port, "/health", logs)
+
+
+def start_baseline(upstream: str, logs: Path) -> Proc:
+    port = free_port()
+    args = [
+        sys.executable,
+        str(BENCH / "baseline_relay.py"),
+        "--port",
+        str(port),
+        "--upstream",
+        upstream,
+    ]
+    return _start("baseline", args, dict(os.environ), port, "/openapi.json", logs)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of `pid` in KiB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of `pid` so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def machine_busy() -> tuple[float, float]:
+    """Busy and total jiffies of the whole machine, all cores (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def machine() -> dict[str, str | int | float]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average": os.getloadavg()[0],
+    }
