@@ -8,16 +8,52 @@ never a session id.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter as Tally
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 5.0)
 _TURN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class HotHistogram(Collector):
+    """A histogram observed once per token: plain counts, no lock, exposed by `collect`.
+
+    prometheus_client's Histogram takes a lock and walks its buckets on every observation;
+    this one is only ever touched from the event loop's thread, so a bisect and two
+    additions do.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(buckets) + 1)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative = list(accumulate(self._counts))
+        buckets = [(repr(float(b)), c) for b, c in zip(self._bounds, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        yield HistogramMetricFamily(
+            self._name, self._documentation, buckets=buckets, sum_value=self._sum
+        )
 
 
 @dataclass
@@ -94,11 +130,11 @@ class Telemetry:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.inter_token = Histogram(
+        self.inter_token = HotHistogram(
             p + "inter_token_gap_seconds",
             "Gap between consecutive token frames",
-            buckets=_GAP_BUCKETS,
-            registry=r,
+            _GAP_BUCKETS,
+            r,
         )
         self.turn_duration = Histogram(
             p + "turn_duration_seconds",

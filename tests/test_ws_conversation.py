@@ -217,3 +217,28 @@ async def test_compute_device_reaches_ollama_options(
         health = (await service.get("/health")).json()
         assert (health["device"] or {}).get("kind") == device.get("compute_device")
         await client.close()
+
+
+async def test_engine_connection_is_reused_after_a_complete_reply_but_not_after_a_cancel(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(
+        Reply(chunks=["a"]),
+        Reply(chunks=["b"]),
+        Reply(chunks=["c"] * 100, delay=0.02),
+        Reply(chunks=["d"]),
+    )
+    client = await service.connect()
+    await client.start()
+    await client.turn("one")
+    await client.turn("two")
+    first, second = fake_ollama.chats
+    assert first.peer == second.peer, "a reply read to its end leaves the connection reusable"
+    await client.send({"type": "user_message", "text": "three"})
+    assert (await client.recv())["type"] == "token"
+    await client.send({"type": "cancel"})
+    await client.recv_until("cancelled")
+    await fake_ollama.chats[2].wait_closed(limit=1)
+    await client.turn("four")
+    assert fake_ollama.chats[3].peer != fake_ollama.chats[2].peer, "a cancel closes it"
+    await client.close()

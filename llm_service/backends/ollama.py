@@ -11,7 +11,7 @@ which is what makes Ollama stop generating.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,8 @@ from llm_service.errors import (
 )
 
 _MAX_ERROR_BODY = 64 * 1024
+_KEEPALIVE_POOL = 20
+_DRAIN_LIMIT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +86,12 @@ class OllamaBackend:
             timeout=httpx.Timeout(
                 connect=connect_timeout, read=backstop, write=connect_timeout, pool=connect_timeout
             ),
+            # A few idle connections are kept for the next turns; httpcore looks at every
+            # pooled connection on each request, so hundreds of idle ones would cost more
+            # than the handshakes they save.
             limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
+                max_connections=max_connections,
+                max_keepalive_connections=min(max_connections, _KEEPALIVE_POOL),
             ),
         )
 
@@ -139,43 +145,50 @@ class OllamaBackend:
             ) from exc
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.base_url) from exc
+        deadline = _ChunkDeadline()
         try:
             if response.status_code != 200:
                 raise await _status_error(response, self.model)
-            async for item in self._read_stream(response):
-                yield item
-        finally:
-            await response.aclose()
-
-    async def _read_stream(self, response: httpx.Response) -> AsyncGenerator[StreamItem, None]:
-        lines = response.aiter_lines()
-        timeout = self._first_chunk_timeout
-        while True:
-            try:
-                async with asyncio.timeout(timeout):
+            lines = response.aiter_lines()
+            limit = self._first_chunk_timeout
+            while True:
+                deadline.waiting(limit)
+                try:
                     line = await anext(lines)
-            except StopAsyncIteration as exc:
-                raise UpstreamError("Ollama ended the stream without a final 'done' line") from exc
-            except TimeoutError as exc:
-                phase = "first chunk" if timeout == self._first_chunk_timeout else "next chunk"
-                raise UpstreamTimeout(f"Ollama sent no {phase} within {timeout:g} s") from exc
-            except httpx.HTTPError as exc:
-                raise UpstreamError(f"connection to Ollama failed mid-reply: {exc!r}") from exc
-            timeout = self._chunk_timeout
-            if not line:
-                continue
-            try:
-                data = orjson.loads(line)
-                if "error" in data:
-                    raise UpstreamError(f"Ollama: {data['error']}")
-                if data.get("done"):
-                    yield _stream_end(data)
-                    return
-                content = data["message"]["content"]
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UpstreamError(f"unreadable line from Ollama: {line[:200]!r}") from exc
-            if content:
-                yield content
+                except StopAsyncIteration as exc:
+                    raise UpstreamError(
+                        "Ollama ended the stream without a final 'done' line"
+                    ) from exc
+                except asyncio.CancelledError as exc:
+                    if deadline.expired():
+                        phase = (
+                            "first chunk" if limit == self._first_chunk_timeout else "next chunk"
+                        )
+                        raise UpstreamTimeout(f"Ollama sent no {phase} within {limit:g} s") from exc
+                    raise
+                except httpx.HTTPError as exc:
+                    raise UpstreamError(f"connection to Ollama failed mid-reply: {exc!r}") from exc
+                deadline.received()
+                limit = self._chunk_timeout
+                if not line:
+                    continue
+                try:
+                    data = orjson.loads(line)
+                    if "error" in data:
+                        raise UpstreamError(f"Ollama: {data['error']}")
+                    if data.get("done"):
+                        end = _stream_end(data)
+                        await _drain(lines)
+                        yield end
+                        return
+                    content = data["message"]["content"]
+                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise UpstreamError(f"unreadable line from Ollama: {line[:200]!r}") from exc
+                if content:
+                    yield content
+        finally:
+            deadline.close()
+            await response.aclose()
 
     async def pull(self) -> AsyncGenerator[PullProgress, None]:
         """Pull the model through `/api/pull`, yielding Ollama's progress lines."""
@@ -217,6 +230,69 @@ class OllamaBackend:
             version=str(version.json().get("version")),
             model_available=available,
         )
+
+
+class _ChunkDeadline:
+    """Bounds each wait for the next chunk with one timer per stream, not one per chunk.
+
+    `waiting(limit)` marks the start of a wait and `received()` its end: two assignments on
+    the hot path. The timer wakes only at the earliest moment a wait could be over its limit
+    and, if one is, cancels the waiting task; `expired()` then turns that cancellation into a
+    timeout, the way `asyncio.timeout` does. Time the consumer spends elsewhere (sending to a
+    slow client) does not count: only the waits themselves are timed.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task else 0
+        self._since = 0.0
+        self._limit = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    def waiting(self, limit: float) -> None:
+        self._since = self._loop.time()
+        self._limit = limit
+        due = self._since + limit
+        if self._timer is None or self._timer.when() > due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(due, self._check)
+
+    def received(self) -> None:
+        self._since = 0.0
+
+    def expired(self) -> bool:
+        """After a CancelledError: True when this deadline caused it (and it is undone)."""
+        return self._fired and self._task is not None and self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._since:
+            return  # not waiting: the next wait schedules a timer again
+        due = self._since + self._limit
+        if self._loop.time() >= due and self._task is not None:
+            self._fired = True
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read the body to its end after the `done` line (its closing chunk is usually already
+    buffered), so the connection goes back to the pool instead of being closed. An engine
+    that does not end the body promptly just loses the connection."""
+    try:
+        async with asyncio.timeout(_DRAIN_LIMIT_S):
+            async for _ in lines:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        return
 
 
 def _tagged(name: str) -> str:

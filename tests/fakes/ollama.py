@@ -51,6 +51,7 @@ class ChatRecord:
     body: dict[str, Any]
     headers: dict[str, str]
     started_at: float
+    peer: tuple[str, int] | None = None  # the client's address: the same on a reused connection
     chunks_sent: int = 0
     finished_at: float | None = None  # the fake ended the response itself
     closed_at: float | None = None  # the client closed it before the fake was done
@@ -222,8 +223,12 @@ class FakeOllama:
             return _error(400, "invalid character in request body")
         if not isinstance(body, dict) or not isinstance(body.get("messages", []), list):
             return _error(400, "invalid request")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         record = ChatRecord(
-            body=body, headers=dict(request.headers), started_at=time.perf_counter()
+            peer=tuple(peer) if peer else None,
+            body=body,
+            headers=dict(request.headers),
+            started_at=time.perf_counter(),
         )
         async with self._chat_arrived:
             self.chats.append(record)
