@@ -60,8 +60,11 @@ def raw_run(llm: object, max_tokens: int, count: object) -> Run:
     first = None
     parts = []
     stream = llm.create_chat_completion(  # type: ignore[attr-defined]
-        messages=[{"role": "user", "content": PROMPT}], stream=True, max_tokens=max_tokens,
-        min_p=0.0, **SAMPLING,
+        messages=[{"role": "user", "content": PROMPT}],
+        stream=True,
+        max_tokens=max_tokens,
+        min_p=0.0,
+        **SAMPLING,
     )
     for chunk in stream:
         text = chunk["choices"][0]["delta"].get("content")
@@ -76,8 +79,9 @@ def raw_run(llm: object, max_tokens: int, count: object) -> Run:
 async def service_run(url: str, max_tokens: int, count: object) -> Run:
     async with websockets.connect(url, compression=None) as ws:
         await ws.recv()
-        await ws.send(json.dumps({"type": "start_session",
-                                  "config": {"max_tokens": max_tokens, **SAMPLING}}))
+        await ws.send(
+            json.dumps({"type": "start_session", "config": {"max_tokens": max_tokens, **SAMPLING}})
+        )
         await ws.recv()
         started = time.perf_counter()
         await ws.send(json.dumps({"type": "user_message", "text": PROMPT}))
@@ -98,11 +102,23 @@ async def service_run(url: str, max_tokens: int, count: object) -> Run:
 
 
 def start_service(port: int, monitoring_port: int, threads: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "LLM_BACKEND": "llamacpp", "LLM_HOST": "127.0.0.1",
-           "LLM_PORT": str(port), "LLM_MONITORING_PORT": str(monitoring_port),
-           "NUM_THREADS": str(threads), "LOG_LEVEL": "WARNING", "LOG_FORMAT": "json"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "websocket"], env=env,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "LLM_BACKEND": "llamacpp",
+        "LLM_HOST": "127.0.0.1",
+        "LLM_PORT": str(port),
+        "LLM_MONITORING_PORT": str(monitoring_port),
+        "NUM_THREADS": str(threads),
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "websocket"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -121,8 +137,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="llama.cpp threads, the same on both sides")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="llama.cpp threads, the same on both sides",
+    )
     args = parser.parse_args()
 
     from llama_cpp import Llama
@@ -156,16 +176,20 @@ def main() -> None:
 
     raw_tps, svc_tps = med(raw, "tokens_per_second"), med(relayed, "tokens_per_second")
     raw_ttft, svc_ttft = med(raw, "ttft_s") * 1000, med(relayed, "ttft_s") * 1000
-    print(f"model {model.name}, {raw[0].tokens} tokens a reply, {args.rounds} rounds "
-          f"alternating, {threads} threads, {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}; identical replies: {same}")
+    print(
+        f"model {model.name}, {raw[0].tokens} tokens a reply, {args.rounds} rounds "
+        f"alternating, {threads} threads, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}; identical replies: {same}"
+    )
     print(f"{'':24}{'raw llama-cpp':>16}{'via /ws/llm':>16}{'ratio / diff':>16}")
     paired = statistics.median(
-        s.tokens_per_second / r.tokens_per_second for r, s in zip(raw, relayed, strict=True))
+        s.tokens_per_second / r.tokens_per_second for r, s in zip(raw, relayed, strict=True)
+    )
     print(f"{'tokens per second':24}{raw_tps:16.1f}{svc_tps:16.1f}{svc_tps / raw_tps:16.3f}")
     print(f"{'  paired ratio (median)':24}{'':32}{paired:16.3f}")
-    print(f"{'time to first token ms':24}{raw_ttft:16.1f}{svc_ttft:16.1f}"
-          f"{svc_ttft - raw_ttft:+16.1f}")
+    print(
+        f"{'time to first token ms':24}{raw_ttft:16.1f}{svc_ttft:16.1f}{svc_ttft - raw_ttft:+16.1f}"
+    )
 
 
 if __name__ == "__main__":
