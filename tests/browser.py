@@ -8,7 +8,6 @@ need it carry `needs_chromium`, which skips them, saying why, only where that bi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
@@ -22,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm_service.config import Settings
 from llm_service.server import ServiceRunner
-from tests.conftest import RunningService, bound_socket
+from tests.conftest import RunningService, running_service
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -108,24 +107,13 @@ def socket_on(port: int) -> socket.socket:
 async def chat_service(
     settings: Settings, port: int | None = None, handshakes: list[dict[str, Any]] | None = None
 ) -> AsyncIterator[RunningService]:
-    """The service with the chat page, on `port` or an ephemeral one of 127.0.0.1."""
-    main_sock = bound_socket() if port is None else socket_on(port)
-    monitoring_sock = bound_socket()
-    runner = ServiceRunner(settings)
-    if handshakes is not None:
-        runner.app.add_middleware(RecordHandshakes, into=handshakes)
-    task = asyncio.create_task(runner.serve(sockets=(main_sock, monitoring_sock)))
-    started = asyncio.create_task(runner.wait_started())
-    await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-    if not started.done():
-        started.cancel()
-        runner.request_stop()
-        await task
-        raise RuntimeError("service did not start")
-    try:
-        yield RunningService(runner, main_sock.getsockname()[1], monitoring_sock.getsockname()[1])
-    finally:
-        runner.request_stop()
-        await asyncio.wait_for(task, 15)
-        main_sock.close()
-        monitoring_sock.close()
+    """The service on `port` (a restart on the same port) or an ephemeral one of 127.0.0.1,
+    recording each WebSocket handshake into `handshakes` when given."""
+
+    def record(runner: ServiceRunner) -> None:
+        if handshakes is not None:
+            runner.app.add_middleware(RecordHandshakes, into=handshakes)
+
+    main_socket = None if port is None else socket_on(port)
+    async with running_service(settings, main_socket=main_socket, prepare=record) as service:
+        yield service

@@ -78,10 +78,18 @@ class RunningService:
 
 @contextlib.asynccontextmanager
 async def running_service(
-    settings: Settings, backend_factory: Callable[[Settings], Any] = open_backend
+    settings: Settings,
+    backend_factory: Callable[[Settings], Any] = open_backend,
+    *,
+    main_socket: socket.socket | None = None,
+    prepare: Callable[[ServiceRunner], None] | None = None,
 ) -> AsyncIterator[RunningService]:
-    main_sock, monitoring_sock = bound_socket(), bound_socket()
+    """The real server on ephemeral 127.0.0.1 ports (or on `main_socket`); `prepare` may
+    adjust the runner's app before it starts."""
+    main_sock, monitoring_sock = main_socket or bound_socket(), bound_socket()
     runner = ServiceRunner(settings, backend_factory)
+    if prepare is not None:
+        prepare(runner)
     task = asyncio.create_task(runner.serve(sockets=(main_sock, monitoring_sock)))
     started = asyncio.create_task(runner.wait_started())
     await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
