@@ -16,19 +16,19 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from processes import start_embedded_service  # noqa: E402
 
 from llm_service.backends.llamacpp import packaged_model_path  # noqa: E402
 
@@ -46,13 +46,6 @@ class Run:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.total_s
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def raw_run(llm: object, max_tokens: int, count: object) -> Run:
@@ -101,38 +94,6 @@ async def service_run(url: str, max_tokens: int, count: object) -> Run:
     return Run((first or started) - started, total, count(reply), reply)  # type: ignore[operator]
 
 
-def start_service(port: int, monitoring_port: int, threads: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "LLM_BACKEND": "llamacpp",
-        "LLM_HOST": "127.0.0.1",
-        "LLM_PORT": str(port),
-        "LLM_MONITORING_PORT": str(monitoring_port),
-        "NUM_THREADS": str(threads),
-        "LOG_LEVEL": "WARNING",
-        "LOG_FORMAT": "json",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), "websocket"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError("the service exited during start-up")
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the service did not become healthy within 60 s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -154,9 +115,9 @@ def main() -> None:
     def count(text: str) -> int:
         return len(llm.tokenize(text.encode(), add_bos=False, special=False))
 
-    port, monitoring_port = free_port(), free_port()
-    service = start_service(port, monitoring_port, threads)
-    url = f"ws://127.0.0.1:{port}/ws/llm"
+    logs = Path(tempfile.mkdtemp(prefix="fasttalk-bench-"))
+    service = start_embedded_service(threads, logs)
+    url = service.ws
     raw: list[Run] = []
     relayed: list[Run] = []
     try:
@@ -166,8 +127,7 @@ def main() -> None:
             raw.append(raw_run(llm, args.max_tokens, count))
             relayed.append(asyncio.run(service_run(url, args.max_tokens, count)))
     finally:
-        service.terminate()
-        service.wait(timeout=30)
+        service.stop()
 
     same = all(r.text == s.text for r, s in zip(raw, relayed, strict=True))
 

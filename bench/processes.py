@@ -118,20 +118,34 @@ def start_fake(logs: Path) -> Proc:
 
 def start_service(upstream: str, logs: Path, max_connections: int = 5000) -> Proc:
     """`python main.py websocket` on Ollama at `upstream`, as an operator would run it."""
+    return _start_service(
+        {
+            "LLM_BACKEND": "ollama",
+            "OLLAMA_BASE_URL": upstream,
+            "LLM_MAX_CONNECTIONS": str(max_connections),
+            "LLM_SHUTDOWN_GRACE_S": "1",
+            # Room for the 3,000-token reply: Ollama's num_predict would cut it at 2,048.
+            "DEFAULT_MAX_TOKENS": "4096",
+        },
+        logs,
+    )
+
+
+def start_embedded_service(threads: int, logs: Path) -> Proc:
+    """`python main.py websocket` on the embedded llama.cpp engine with `threads` threads."""
+    return _start_service({"LLM_BACKEND": "llamacpp", "NUM_THREADS": str(threads)}, logs)
+
+
+def _start_service(settings: dict[str, str], logs: Path) -> Proc:
     port = free_port()
     env = {
         **os.environ,
-        "LLM_BACKEND": "ollama",
-        "OLLAMA_BASE_URL": upstream,
         "LLM_HOST": "127.0.0.1",
         "LLM_PORT": str(port),
         "LLM_MONITORING_PORT": str(free_port()),
-        "LLM_MAX_CONNECTIONS": str(max_connections),
         "LOG_LEVEL": "WARNING",
         "LOG_FORMAT": "json",
-        "LLM_SHUTDOWN_GRACE_S": "1",
-        # Room for the 3,000-token reply: Ollama's num_predict would cut it at 2,048.
-        "DEFAULT_MAX_TOKENS": "4096",
+        **settings,
     }
     args = [sys.executable, str(ROOT / "main.py"), "websocket"]
     return _start("service", args, env, port, "/health", logs)
