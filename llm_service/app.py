@@ -62,13 +62,10 @@ class Service:
     connections: Connections = field(default_factory=Connections)
     clients: Counter[str] = field(default_factory=Counter)
     draining: bool = False
-
-    @property
-    def access(self) -> Access:
-        return self._access
+    access: Access = field(init=False)
 
     def __post_init__(self) -> None:
-        self._access = Access(self.settings.api_keys(), self.settings.allowed_origins())
+        self.access = Access(self.settings.api_keys(), self.settings.allowed_origins())
 
     @property
     def context_window(self) -> int:
