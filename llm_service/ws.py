@@ -64,6 +64,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 _GONE = (WebSocketDisconnect, WebSocketDisconnected)
+_UNWIND_LIMIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class Connection:
         )
         self.generation: asyncio.Task[None] | None = None
         self.turn: Turn | None = None
+        self._unwinding = False  # the generation task is closing its stream
         self.ending: Ending | None = None
         self.draining = False
         self._receiver: asyncio.Task[str] | None = None
@@ -302,6 +304,7 @@ class Connection:
                     retry_after_ms=max(1, round(wait * 1000)),
                 )
             self.turn = conv.start_turn(frame.text)
+            self._unwinding = False
             self.generation = group.create_task(self.generate(self.turn))
         elif isinstance(frame, Cancel):
             await self.cancel()
@@ -342,18 +345,22 @@ class Connection:
         self._watchdog = loop.call_later(self.settings.llm_send_timeout_s, self._check_sends)
         try:
             async with aclosing(turn.stream()) as stream:
-                async for item in stream:
-                    if isinstance(item, str):
-                        self._send_started = clock()
-                        await send(token_frame(item))
-                        self._send_started = 0.0
-                    else:
-                        await self.send({"type": "response_complete", "stats": item.to_wire()})
-                        log.info(
-                            "turn_completed",
-                            tokens=item.tokens_generated,
-                            ms=round(item.processing_time_ms, 1),
-                        )
+                try:
+                    async for item in stream:
+                        if isinstance(item, str):
+                            self._send_started = clock()
+                            await send(token_frame(item))
+                            self._send_started = 0.0
+                        else:
+                            await self.send({"type": "response_complete", "stats": item.to_wire()})
+                            log.info(
+                                "turn_completed",
+                                tokens=item.tokens_generated,
+                                ms=round(item.processing_time_ms, 1),
+                            )
+                except BaseException:
+                    self._unwinding = True  # the stream is closing: let that finish
+                    raise
         except ServiceError as exc:
             log.warning(
                 "turn_failed", code=exc.code, error=exc.message, sent_tokens=len(turn.parts)
@@ -390,15 +397,29 @@ class Connection:
             await self.send({"type": "cancelled", "success": False})
             return
         started = time.perf_counter()
+        sent_when_read = len(turn.parts)
         await self.stop_generation()
         self.telemetry.cancel_latency.observe(time.perf_counter() - started)
         log.info("turn_cancelled", sent_tokens=len(turn.parts))
-        await self.send({"type": "cancelled", "success": True, "stats": turn.stats().to_wire()})
+        stats = turn.stats().to_wire()
+        # The promise: at most one more token frame once the cancel is read. Frames already
+        # on the wire when it was read are not counted: the client sees them after its cancel.
+        stats["token_frames_after_cancel"] = len(turn.parts) - sent_when_read
+        await self.send({"type": "cancelled", "success": True, "stats": stats})
 
     async def stop_generation(self) -> None:
-        """Cancel the generation task, if any, and wait until its upstream stream is closed."""
+        """Cancel the generation task, if any, and wait until its upstream stream is closed.
+
+        A generation that is already unwinding (its send failed because the client went, or
+        the engine failed) is closing its stream: it is waited for, not cancelled, so the
+        close is never cut short. Only one stuck past `_UNWIND_LIMIT_S` is cancelled.
+        """
         task = self.generation
-        if task is not None and not task.done():
+        if task is None or task.done():
+            return
+        if self._unwinding:
+            await asyncio.wait({task}, timeout=_UNWIND_LIMIT_S)
+        if not task.done():
             task.cancel()
             await asyncio.wait({task})
 

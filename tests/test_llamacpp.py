@@ -101,14 +101,23 @@ async def test_cancel_stops_within_a_token_and_frees_the_engine() -> None:
         await client.start()
         await configure(client, max_tokens=400)
         await client.send({"type": "user_message", "text": "Write a long story about a dragon."})
+        first = []
         for _ in range(5):
-            assert (await client.recv(limit=30))["type"] == "token"
+            frame = await client.recv(limit=30)
+            assert frame["type"] == "token"
+            first.append(frame["data"])
         await client.send({"type": "cancel"})
         after = await client.recv_until("cancelled")
-        assert len(texts(after)) <= 1
+        stats = after[-1]["stats"]
         assert after[-1]["success"] is True
+        assert stats["token_frames_after_cancel"] <= 1
+        assert stats["token_frames"] == 5 + len(texts(after))
+        # the worker is free by the time `cancelled` is sent
+        health = (await service.get("/health")).json()
+        assert "0/1 workers busy" in health["engine"]["detail"]
         history = await client.history()
         assert history[-1]["status"] == "interrupted"
+        assert history[-1]["content"] == "".join(first + texts(after))
         answer, _ = await reply(client, "What is the capital of France? Answer in one sentence.")
         assert "Paris" in answer
         await client.close()

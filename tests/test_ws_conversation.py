@@ -104,15 +104,17 @@ async def test_cancel_mid_stream_stops_upstream_and_keeps_partial_reply(
     cancel_sent = time.perf_counter()
     await client.send({"type": "cancel"})
     after = await client.recv_until("cancelled")
-    assert len(tokens_of(after)) <= 1, "at most one token frame after the cancel"
+    cancelled_at = time.perf_counter()
     cancelled = after[-1]
     assert cancelled["success"] is True
+    # frames in flight when the server read the cancel still arrive; after that, at most one
+    assert cancelled["stats"]["token_frames_after_cancel"] <= 1
     sent = received + tokens_of(after)
-    assert cancelled["stats"]["token_frames"] == len(sent)
+    assert cancelled["stats"]["token_frames"] == len(sent), "every frame sent came before"
 
     upstream = fake_ollama.chats[0]
     closed_at = await upstream.wait_closed(limit=0.5)
-    assert closed_at - cancel_sent < 0.5
+    assert cancel_sent < closed_at < cancelled_at, "the engine request closed before `cancelled`"
     assert upstream.finished_at is None
 
     history = await client.history()

@@ -3,12 +3,14 @@
 A backend streams one chat completion as an async iterator of `str` chunks (one per piece of
 text the engine produced, in order) ending with exactly one `StreamEnd` carrying the engine's
 own counters. Everything a backend raises is a `ServiceError` (`errors.py`); nothing
-engine-specific (httpx, llama_cpp) crosses this seam.
+engine-specific (httpx, llama_cpp) crosses this seam. Closing a stream must never stop
+halfway: `finish_closing` runs a close to its end even when the task is cancelled meanwhile.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -84,3 +86,24 @@ class LLMBackend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+async def finish_closing(closing: Awaitable[object]) -> None:
+    """Run `closing` to its end even if this task is cancelled meanwhile, then re-raise the
+    cancellation.
+
+    A close interrupted halfway leaves its resource neither in use nor given back: an HTTP
+    response whose `aclose()` is cancelled never returns its connection to the pool, and the
+    engine goes on generating for nobody. A cancel that arrives while a stream is closing
+    (the client went away just as the reply failed, say) waits for the close instead.
+    """
+    task = asyncio.ensure_future(closing)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+    task.result()

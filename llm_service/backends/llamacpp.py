@@ -29,6 +29,7 @@ from llm_service.backends.base import (
     GenerationParams,
     StreamEnd,
     StreamItem,
+    finish_closing,
 )
 from llm_service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
@@ -247,7 +248,7 @@ class LlamaCppBackend:
             # llama.cpp checks the flag after every token; waiting for that (one token at
             # most) means a cancelled turn has freed its worker when the client hears back.
             handoff.stop()
-            await asyncio.wait({job})
+            await finish_closing(asyncio.wait({job}))
 
     def _generate(
         self,

@@ -24,6 +24,7 @@ from llm_service.backends.base import (
     GenerationParams,
     StreamEnd,
     StreamItem,
+    finish_closing,
 )
 from llm_service.errors import (
     EngineError,
@@ -188,7 +189,7 @@ class OllamaBackend:
                     yield content
         finally:
             deadline.close()
-            await response.aclose()
+            await finish_closing(response.aclose())
 
     async def pull(self) -> AsyncGenerator[PullProgress, None]:
         """Pull the model through `/api/pull`, yielding Ollama's progress lines."""

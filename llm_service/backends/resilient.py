@@ -29,6 +29,7 @@ from llm_service.backends.base import (
     GenerationParams,
     LLMBackend,
     StreamItem,
+    finish_closing,
 )
 from llm_service.breaker import CircuitBreaker
 from llm_service.errors import EngineError, UpstreamUnavailable
@@ -116,7 +117,7 @@ class ResilientBackend:
                 except BaseException:
                     self.breaker.record_abandoned()
                     self._telemetry.upstream_request("cancelled")
-                    await stream.aclose()
+                    await finish_closing(stream.aclose())
                     raise
                 self.breaker.record_success()
                 return first, stream
