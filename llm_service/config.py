@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llm_service.redact import MASK, mask_url
+
 _KEEP_ALIVE = re.compile(r"^-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h)?$|^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
-_MASK = "********"
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,10 @@ class Settings(BaseSettings):
     llm_max_message_bytes: int = Field(256 * 1024, ge=1024)
     llm_ws_compression: bool = False
     health_cache_ttl_s: float = Field(2.0, ge=0)
+    llm_request_head_timeout_s: float = Field(10.0, gt=0)
+    llm_max_pending_connections: int = Field(128, ge=1)
+    forwarded_allow_ips: str = ""
+    llm_api_docs: bool = False
 
     # Access control and abuse limits (0 turns a limit off)
     llm_api_key: SecretStr | None = None
@@ -76,6 +81,7 @@ class Settings(BaseSettings):
     llm_max_history_turns: int = Field(0, ge=0)
     llm_session_idle_timeout_s: float = Field(1800.0, ge=0)
     llm_max_connections_per_client: int = Field(0, ge=0)
+    llm_auth_failures_per_minute: int = Field(10, ge=0)
 
     # Generation defaults for a new session
     default_system_prompt: str = ""
@@ -149,23 +155,13 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):
-                text = _MASK
+                text = MASK
             elif name.endswith("_url"):
-                text = _mask_url(value)
+                text = mask_url(value)
             else:
                 text = "" if value is None else str(value)
             shown[name.upper()] = text
         return shown
-
-
-def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:{_MASK}@{host}"))
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -182,6 +178,8 @@ def load_settings(**overrides: Any) -> Settings:
             where = ".".join(str(part) for part in err["loc"]).upper()
             given = err.get("input")
             hide = where in ("", *secret) or isinstance(given, dict)
+            if where.endswith("_URL") and isinstance(given, str):
+                given = mask_url(given)
             shown = "" if hide else f" (got {given!r})"
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{where or 'settings'}: {message}{shown}")

@@ -22,6 +22,7 @@ caused them (`raise UpstreamUnavailable(...) from exc`); `ws.py` alone turns the
     ├── ServiceShuttingDown              service_shutting_down (closes the socket with 1001)
     ├── EngineError                      the engine failed or could not be reached
     │   ├── UpstreamUnavailable          upstream_unavailable
+    │   │   └── EngineBusy               upstream_unavailable (load shed: not the engine's fault)
     │   ├── UpstreamError                upstream_error
     │   │   └── UpstreamRejected         upstream_error (the engine refused the request: 400)
     │   ├── ModelNotFound                model_not_found
@@ -142,6 +143,13 @@ class EngineError(ServiceError):
 
 class UpstreamUnavailable(EngineError):
     code = "upstream_unavailable"
+
+
+class EngineBusy(UpstreamUnavailable):
+    """The engine is healthy but full: shedding load is not a failure, so the breaker does
+    not count it."""
+
+    engine_fault = False
 
 
 class UpstreamError(EngineError):

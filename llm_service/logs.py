@@ -3,6 +3,10 @@
 Events are snake_case names with key-value fields; `session_id` is bound per connection through
 context variables. Output is JSON lines when stderr is not a terminal (containers, files) and a
 readable console format on a terminal; uvicorn's own loggers go through the same handler.
+Every line is redacted on its way out (`redact.redact_text`: URL credentials, `token=`-like
+query parameters), at every level. Credentials and prompt text never reach the log: the
+WebSocket protocol, which at DEBUG would log handshake headers (the `Authorization` key, the
+`bearer.<key>` subprotocol) and every frame, is held at INFO whatever `LOG_LEVEL` says.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any, Literal
 
 import orjson
 import structlog
+
+from llm_service.redact import redact_text
 
 
 def _dumps(obj: Any, default: Any = None) -> str:
@@ -47,7 +53,7 @@ def configure_logging(
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+        _RedactingFormatter(
             foreign_pre_chain=shared,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
@@ -62,6 +68,17 @@ def configure_logging(
     # One access line per /health probe drowns everything else; show them only when debugging.
     logging.getLogger("uvicorn.access").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
     logging.getLogger("httpx").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
+    # The WebSocket protocol logs through uvicorn.error; at DEBUG it would write each
+    # handshake's headers (keys) and every frame (prompts, replies).
+    for name in ("websockets", "uvicorn.error"):
+        logging.getLogger(name).setLevel("INFO" if level == "DEBUG" else level)
+
+
+class _RedactingFormatter(structlog.stdlib.ProcessorFormatter):
+    """structlog's formatter, with every finished line passed through `redact_text`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 def _identity(_: Any, __: str, event: Any) -> Any:

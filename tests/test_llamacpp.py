@@ -153,6 +153,9 @@ async def test_full_queue_is_a_clear_error() -> None:
         frames = await second.turn("Hello")
         error = frames[-1]["error"]
         assert error["code"] == "upstream_unavailable" and "busy" in error["message"]
+        # shedding load is not an engine failure: the breaker does not count it
+        breaker = (await service.get("/health")).json()["circuit_breaker"]
+        assert breaker["consecutive_failures"] == 0
         await first.send({"type": "cancel"})
         await first.recv_until("cancelled")
         answer, _ = await reply(second, "Hello")

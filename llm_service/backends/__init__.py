@@ -21,6 +21,7 @@ from llm_service.backends.base import LLMBackend
 from llm_service.backends.ollama import OllamaBackend
 from llm_service.config import Settings
 from llm_service.device import Device, detect_device, llamacpp_gpu_layers, ollama_options
+from llm_service.redact import mask_url
 
 log = structlog.get_logger("llm_service.backends")
 
@@ -123,12 +124,12 @@ async def open_backend(settings: Settings) -> BackendChoice:
     ollama = make_ollama(settings, _ollama_device(settings))
     status = await ollama.status()
     if status.reachable:
-        reason = f"LLM_BACKEND=auto: Ollama answered at {settings.ollama_base_url}"
+        reason = f"LLM_BACKEND=auto: Ollama answered at {mask_url(settings.ollama_base_url)}"
         return BackendChoice(ollama, reason, _ollama_device(settings))
     await ollama.aclose()
     choice = await load_llamacpp(settings)
     reason = (
-        f"LLM_BACKEND=auto: Ollama did not answer at {settings.ollama_base_url}, "
+        f"LLM_BACKEND=auto: Ollama did not answer at {mask_url(settings.ollama_base_url)}, "
         "so the embedded llama.cpp engine serves"
     )
     return BackendChoice(choice.backend, reason, choice.device)

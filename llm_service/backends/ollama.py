@@ -11,7 +11,8 @@ which is what makes Ollama stop generating.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from llm_service.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from llm_service.redact import mask_url
 
 _MAX_ERROR_BODY = 64 * 1024
 _KEEPALIVE_POOL = 20
@@ -73,6 +75,7 @@ class OllamaBackend:
     ) -> None:
         self.model = model
         self.base_url = base_url
+        self.where = f"Ollama at {mask_url(base_url)}"  # how messages name it
         self._keep_alive = _keep_alive_value(keep_alive)
         self._first_chunk_timeout = first_chunk_timeout
         self._chunk_timeout = chunk_timeout
@@ -139,13 +142,12 @@ class OllamaBackend:
                 request = self._client.build_request(
                     "POST", "/api/chat", content=body, headers=headers
                 )
-                response = await self._client.send(request, stream=True)
+                with _httpx_errors(self.where):
+                    response = await self._client.send(request, stream=True)
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"no answer from Ollama within {self._first_chunk_timeout:g} s"
             ) from exc
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.base_url) from exc
         deadline = _ChunkDeadline()
         try:
             if response.status_code != 200:
@@ -168,7 +170,7 @@ class OllamaBackend:
                         raise UpstreamTimeout(f"Ollama sent no {phase} within {limit:g} s") from exc
                     raise
                 except httpx.HTTPError as exc:
-                    raise UpstreamError(f"connection to Ollama failed mid-reply: {exc!r}") from exc
+                    raise _translated(exc, self.where, mid_reply=True) from exc
                 deadline.received()
                 limit = self._chunk_timeout
                 if not line:
@@ -184,7 +186,10 @@ class OllamaBackend:
                         return
                     content = data["message"]["content"]
                 except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise UpstreamError(f"unreadable line from Ollama: {line[:200]!r}") from exc
+                    raise UpstreamError(
+                        f"{self.where} sent a line that is not a chat chunk "
+                        f"({len(line)} characters)"
+                    ) from exc
                 if content:
                     yield content
         finally:
@@ -194,7 +199,7 @@ class OllamaBackend:
     async def pull(self) -> AsyncGenerator[PullProgress, None]:
         """Pull the model through `/api/pull`, yielding Ollama's progress lines."""
         body = {"model": self.model, "stream": True}
-        try:
+        with _httpx_errors(self.where):
             # Downloads pause between layers; the backstop read timeout bounds each pause.
             async with self._client.stream("POST", "/api/pull", json=body) as response:
                 if response.status_code != 200:
@@ -202,7 +207,12 @@ class OllamaBackend:
                 async for line in response.aiter_lines():
                     if not line:
                         continue
-                    data = orjson.loads(line)
+                    try:
+                        data = orjson.loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        raise UpstreamError(
+                            f"{self.where} sent an unreadable progress line from /api/pull"
+                        ) from exc
                     if "error" in data:
                         raise UpstreamError(f"Ollama could not pull {self.model}: {data['error']}")
                     yield PullProgress(
@@ -210,10 +220,6 @@ class OllamaBackend:
                         completed=data.get("completed"),
                         total=data.get("total"),
                     )
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.base_url) from exc
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError("unreadable progress line from Ollama's /api/pull") from exc
 
     async def status(self) -> EngineStatus:
         try:
@@ -222,12 +228,16 @@ class OllamaBackend:
             tags = await self._client.get("/api/tags", timeout=_PROBE_TIMEOUT_S)
             tags.raise_for_status()
             names = {m.get("name") for m in tags.json().get("models", [])}
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
-            return EngineStatus(reachable=False, detail=f"Ollama at {self.base_url}: {exc!r}")
+        except httpx.HTTPError as exc:
+            return EngineStatus(reachable=False, detail=_translated(exc, self.where).message)
+        except (ValueError, AttributeError):
+            return EngineStatus(
+                reachable=False, detail=f"{self.where} answered, but not as Ollama does"
+            )
         available = _tagged(self.model) in {_tagged(n) for n in names if isinstance(n, str)}
         return EngineStatus(
             reachable=True,
-            detail=f"Ollama at {self.base_url}",
+            detail=self.where,
             version=str(version.json().get("version")),
             model_available=available,
         )
@@ -323,12 +333,36 @@ def _stream_end(data: dict[str, Any]) -> StreamEnd:
     )
 
 
-def _transport_error(exc: httpx.HTTPError, base_url: str) -> EngineError:
+@contextmanager
+def _httpx_errors(where: str, *, mid_reply: bool = False) -> Iterator[None]:
+    """Translate httpx's exceptions into the service's error tree, once, with the cause kept."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise _translated(exc, where, mid_reply=mid_reply) from exc
+
+
+# What each httpx failure means, in words; the exception itself stays the error's cause (and
+# reaches the log), never the client's message.
+_WORDS: tuple[tuple[type[httpx.HTTPError], str], ...] = (
+    (httpx.PoolTimeout, "had no free connection in time (every connection busy)"),
+    (httpx.ConnectTimeout, "did not accept the connection in time"),
+    (httpx.ReadTimeout, "sent nothing within the read timeout"),
+    (httpx.WriteTimeout, "did not take the request in time"),
+    (httpx.ConnectError, "cannot be reached (connection refused or host unreachable)"),
+    (httpx.RemoteProtocolError, "closed the connection unexpectedly"),
+    (httpx.ReadError, "broke the connection while the service was reading"),
+    (httpx.WriteError, "broke the connection while the service was sending"),
+)
+
+
+def _translated(exc: httpx.HTTPError, where: str, *, mid_reply: bool = False) -> EngineError:
+    words = next((w for kind, w in _WORDS if isinstance(exc, kind)), "failed")
+    if mid_reply:
+        return UpstreamError(f"{where} {words} mid-reply")
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"Ollama at {base_url} timed out: {type(exc).__name__}")
-    if isinstance(exc, httpx.ConnectError):
-        return UpstreamUnavailable(f"cannot connect to Ollama at {base_url}")
-    return UpstreamUnavailable(f"Ollama at {base_url} failed: {exc!r}")
+        return UpstreamTimeout(f"{where} {words}")
+    return UpstreamUnavailable(f"{where} {words}")
 
 
 async def _status_error(response: httpx.Response, model: str) -> EngineError:
