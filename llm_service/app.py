@@ -32,13 +32,14 @@ from llm_service.device import DeviceUnavailableError
 from llm_service.errors import ServiceError
 from llm_service.health import EngineHealth
 from llm_service.metrics import CIRCUIT_STATES, Telemetry
-from llm_service.security import Access, presented_key
+from llm_service.security import Access, AuthThrottle
 from llm_service.web import router as web_router
 from llm_service.ws import (
     CLOSE_GOING_AWAY,
     CLOSE_TRY_AGAIN_LATER,
     Connections,
     Ending,
+    http_refusal,
     max_connections_error,
     max_per_client_error,
     shutting_down_error,
@@ -65,7 +66,9 @@ class Service:
     access: Access = field(init=False)
 
     def __post_init__(self) -> None:
-        self.access = Access(self.settings.api_keys(), self.settings.allowed_origins())
+        settings = self.settings
+        throttle = AuthThrottle(settings.llm_auth_failures_per_minute)
+        self.access = Access(settings.api_keys(), settings.allowed_origins(), throttle)
 
     @property
     def context_window(self) -> int:
@@ -183,10 +186,14 @@ def create_app(settings: Settings, backend_factory: BackendFactory = open_backen
             yield
             log.info("service_stopping")
 
+    docs = settings.llm_api_docs  # off unless asked for: the Swagger page loads from a CDN
     app = FastAPI(
         title="FastTalk LLM service",
         version=__version__,
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(ws_router)
     app.include_router(web_router)
@@ -199,25 +206,13 @@ def create_app(settings: Settings, backend_factory: BackendFactory = open_backen
     @app.get("/stats")
     async def stats(request: Request) -> Response:
         service = _service(request)
-        presented = presented_key(request.headers, request.query_params, ())
-        if not service.access.key_ok(presented.key):
+        client = request.client.host if request.client else "unknown"
+        refused = service.access.authenticate(
+            client, "stats", request.headers, request.query_params
+        )
+        if refused is not None:
             service.telemetry.auth_failed("stats")
-            log.warning(
-                "auth_failed",
-                endpoint="/stats",
-                via=presented.via,
-                client=request.client.host if request.client else "unknown",
-            )
-            return JSONResponse(
-                {
-                    "error": {
-                        "code": "unauthorized",
-                        "message": "a valid API key is required (Authorization: Bearer <key>)",
-                    }
-                },
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            return http_refusal(refused)
         body = service.telemetry.stats()
         body["service"] = {
             "backend": service.backend.name,
@@ -234,6 +229,8 @@ def create_monitoring_app(main_app: FastAPI) -> FastAPI:
     app = FastAPI(
         title="FastTalk LLM service monitoring",
         version=__version__,
+        docs_url=None,
+        redoc_url=None,
         openapi_url=None,
     )
 

@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from llm_service.conversation import Conversation, SessionConfig, Turn, new_session_id
 from llm_service.errors import (
+    ClientError,
     GenerationInProgress,
     InternalError,
     InvalidMessage,
@@ -38,7 +40,6 @@ from llm_service.errors import (
     ServiceError,
     ServiceShuttingDown,
     SessionIdleTimeout,
-    Unauthorized,
 )
 from llm_service.protocol import (
     Cancel,
@@ -51,7 +52,7 @@ from llm_service.protocol import (
     parse_client_frame,
     token_frame,
 )
-from llm_service.security import TurnRateLimiter, chosen_subprotocol, presented_key
+from llm_service.security import TurnRateLimiter, chosen_subprotocol
 
 if TYPE_CHECKING:
     from llm_service.app import Service
@@ -88,23 +89,18 @@ async def llm_socket(websocket: WebSocket) -> None:
         await websocket.close(CLOSE_POLICY)  # before the handshake: uvicorn answers 403
         return
     subprotocols: list[str] = websocket.scope.get("subprotocols", [])
-    presented = presented_key(websocket.headers, websocket.query_params, subprotocols)
-    await websocket.accept(subprotocol=chosen_subprotocol(subprotocols))
-    if not service.access.key_ok(presented.key):
+    # The key is checked before the handshake completes: a stranger gets an HTTP answer and
+    # a closed socket, and nothing it sends afterwards is ever parsed.
+    refused = service.access.authenticate(
+        client, "ws", websocket.headers, websocket.query_params, subprotocols
+    )
+    if refused is not None:
         telemetry.auth_failed("ws")
-        log.warning(
-            "auth_failed",
-            endpoint="/ws/llm",
-            client=client,
-            via=presented.via,
-            reason="missing key" if presented.key is None else "wrong key",
-        )
-        error = Unauthorized(
-            "a valid API key is required (Authorization: Bearer, the token "
-            "query parameter, or a bearer.<key> subprotocol)"
-        )
-        await _refuse(websocket, service, error, CLOSE_POLICY)
+        telemetry.connection_rejected(refused.code)
+        telemetry.error(refused.code)
+        await websocket.send_denial_response(http_refusal(refused))
         return
+    await websocket.accept(subprotocol=chosen_subprotocol(subprotocols))
     refusal = service.refusal(client)
     if refusal is not None:
         await _refuse(websocket, service, *refusal)
@@ -120,6 +116,15 @@ async def llm_socket(websocket: WebSocket) -> None:
         service.clients[client] -= 1
         if not service.clients[client]:
             del service.clients[client]
+
+
+def http_refusal(error: ClientError) -> JSONResponse:
+    """The HTTP answer to a request refused before it is served (no key, throttled)."""
+    status = 429 if isinstance(error, RateLimited) else 401
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if error.retry_after_ms is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after_ms / 1000)))
+    return JSONResponse({"error": error.to_wire()}, status_code=status, headers=headers)
 
 
 async def _refuse(websocket: WebSocket, service: Service, error: ServiceError, code: int) -> None:
@@ -363,7 +368,11 @@ class Connection:
                     raise
         except ServiceError as exc:
             log.warning(
-                "turn_failed", code=exc.code, error=exc.message, sent_tokens=len(turn.parts)
+                "turn_failed",
+                code=exc.code,
+                error=exc.message,
+                cause=None if exc.__cause__ is None else repr(exc.__cause__),
+                sent_tokens=len(turn.parts),
             )
             await self.send_error(exc)
         except _GONE:

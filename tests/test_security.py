@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+import orjson
 import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from llm_service.security import AuthThrottle
 from tests.conftest import (
     Client,
     RunningService,
@@ -43,17 +47,27 @@ async def keyed(fake_ollama: FakeOllama) -> Any:
         yield service
 
 
+async def refused_at_handshake(url: str, **kwargs: Any) -> dict[str, Any]:
+    """Connect expecting HTTP 401 instead of a WebSocket; return the error of its body."""
+    with pytest.raises(InvalidStatus) as caught:
+        await websockets.connect(url, **kwargs)
+    response = caught.value.response
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    error: dict[str, Any] = orjson.loads(response.body)["error"]
+    assert error["code"] == "unauthorized" and error["recoverable"] is False
+    return error
+
+
 async def test_missing_or_wrong_key_is_refused_before_any_session(keyed: RunningService) -> None:
     for kwargs in (
         {},
         {"additional_headers": {"Authorization": "Bearer nope"}},
         {"additional_headers": {"Authorization": f"Basic {KEY}"}},
     ):
-        client = await keyed.connect(**kwargs)
-        error = await refused(client, "unauthorized", 1008)
+        error = await refused_at_handshake(keyed.ws_url, **kwargs)
         assert KEY not in error["message"]
-    wrong_query = Client(await websockets.connect(keyed.ws_url + "?token=nope"))
-    await refused(wrong_query, "unauthorized", 1008)
+    await refused_at_handshake(keyed.ws_url + "?token=nope")
     stats = (await keyed.get_with_key("/stats", KEY)).json()
     assert stats["connections"]["total_connections"] == 0
     text = (await keyed.get("/metrics", monitoring=True)).text
@@ -198,23 +212,43 @@ async def test_connections_per_client_address_are_limited(fake_ollama: FakeOllam
 async def test_key_never_reaches_logs_stats_or_config(
     tmp_path: Path, fake_ollama: FakeOllama
 ) -> None:
+    quoted = "ft-it's-9Lm2"  # a key uvicorn's log line quotes around
+    prompt, reply = "PROMPT-7Hq2 tell me", ["REPLY-4Zk8", " done"]
+    fake_ollama.default_reply = Reply(chunks=reply)
     async with service_process(
-        tmp_path, OLLAMA_BASE_URL=fake_ollama.url, LLM_API_KEY=KEY, LOG_LEVEL="DEBUG"
+        tmp_path,
+        OLLAMA_BASE_URL=fake_ollama.url,
+        LLM_API_KEY=f"{KEY},{quoted}",
+        LOG_LEVEL="DEBUG",
     ) as service:
-        for url in (f"{service.ws_url}?token={KEY}", f"{service.ws_url}?token=wrong-{KEY}"):
-            ws = await websockets.connect(url)
-            client = Client(ws)
+        attempts: list[dict[str, Any]] = [
+            {"uri": f"{service.ws_url}?token={KEY}"},
+            {"uri": f"{service.ws_url}?tok%65n={quote(quoted)}"},  # Starlette decodes the name
+            {"uri": service.ws_url, "additional_headers": {"Authorization": f"Bearer {KEY}"}},
+            {"uri": service.ws_url, "subprotocols": ["fasttalk", f"bearer.{quoted}"]},
+            {"uri": f"{service.ws_url}?token=wrong-{KEY}"},
+        ]
+        for attempt in attempts:
+            try:
+                client = Client(await websockets.connect(**attempt))
+            except InvalidStatus as refused_early:
+                assert refused_early.response.status_code == 401
+                continue
             first = await client.recv()
             if first["type"] == "session_started":
-                await client.turn("hello")
+                frames = await client.turn(prompt)
+                assert tokens_of(frames) == reply
             await client.close()
         async with httpx.AsyncClient(timeout=5) as http:
             stats = await http.get(f"http://127.0.0.1:{service.port}/stats?token={KEY}")
             assert stats.status_code == 200 and KEY not in stats.text
         log = "".join(service.output)
-    assert "/ws/llm?token=[redacted]" in log  # uvicorn's own request line, masked
+    assert "/ws/llm?token=********" in log  # uvicorn's own request line, masked
+    assert "/ws/llm?tok%65n=********" in log
     assert "auth_failed" in log
-    assert KEY not in log
+    assert "session_started" in log and "turn_completed" in log  # DEBUG logs the turns
+    for secret in (KEY, quoted, quote(quoted), "PROMPT-7Hq2", "REPLY-4Zk8"):
+        assert secret not in log, secret
 
     from tests.test_cli import run_cli
 
@@ -226,3 +260,88 @@ async def test_open_service_warns_at_start_up(tmp_path: Path, fake_ollama: FakeO
     async with service_process(tmp_path, OLLAMA_BASE_URL=fake_ollama.url) as service:
         pass
     assert "access_open" in "".join(service.output)
+
+
+async def test_a_refused_handshake_is_answered_and_closed_whatever_follows(
+    keyed: RunningService,
+) -> None:
+    # A stranger completes no handshake: the 401 goes out and the socket is closed, so the
+    # half a million one-byte fragments behind it are never parsed.
+    client = await keyed.connect(additional_headers={"Authorization": f"Bearer {KEY}"})
+    await client.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", keyed.port)
+    writer.write(
+        b"GET /ws/llm HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 401 ")
+    text_start = b"\x01\x81\x00\x00\x00\x00x"  # a masked text frame with fin unset
+    fragment = b"\x00\x81\x00\x00\x00\x00x"  # a masked one-byte continuation
+    rest = b""
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        writer.write(text_start + fragment * 500_000)
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), 10)  # to EOF: the server closed it
+    assert b"HTTP/1.1 101" not in rest and len(rest) < 1024  # the 401's body, then nothing
+    writer.close()
+    frames = await client.turn("are you still with me?")
+    assert frames[-1]["type"] == "response_complete"
+    await client.close()
+
+
+async def test_a_key_bearing_subprotocol_is_never_selected(keyed: RunningService) -> None:
+    ws = await websockets.connect(
+        keyed.ws_url,
+        subprotocols=[f"bearer.{KEY}"],  # type: ignore[list-item]
+    )
+    assert ws.subprotocol is None
+    assert ws.response is not None
+    assert KEY not in str(ws.response.headers)
+    client = Client(ws)
+    await client.start()
+    await client.close()
+
+
+async def test_failed_keys_are_throttled_per_address(
+    tmp_path: Path, fake_ollama: FakeOllama
+) -> None:
+    async with service_process(
+        tmp_path,
+        OLLAMA_BASE_URL=fake_ollama.url,
+        LLM_API_KEY=KEY,
+        LLM_AUTH_FAILURES_PER_MINUTE="3",
+    ) as service:
+        for _ in range(3):
+            await refused_at_handshake(f"{service.ws_url}?token=guess")
+        for url in (f"{service.ws_url}?token=guess", f"{service.ws_url}?token={KEY}"):
+            with pytest.raises(InvalidStatus) as caught:
+                await websockets.connect(url)
+            response = caught.value.response
+            assert response.status_code == 429
+            assert 1 <= int(response.headers["Retry-After"]) <= 60
+            assert orjson.loads(response.body)["error"]["code"] == "rate_limited"
+        async with httpx.AsyncClient(timeout=5) as http:
+            stats = await http.get(
+                f"http://127.0.0.1:{service.port}/stats", headers={"Authorization": f"Bearer {KEY}"}
+            )
+            assert stats.status_code == 429  # the same address, the same throttle
+    lines = [line for line in service.output if '"auth_failed"' in line]
+    assert len(lines) == 1, "failures are logged once per address per minute"
+
+
+def test_auth_throttle_forgets_after_a_minute_and_bounds_its_memory() -> None:
+    now = [0.0]
+    throttle = AuthThrottle(2, clock=lambda: now[0])
+    assert throttle.failed("a") is True
+    assert throttle.failed("a") is False
+    assert throttle.retry_after("a") == pytest.approx(60.0)
+    assert throttle.retry_after("b") == 0.0
+    now[0] = 59.0
+    assert throttle.retry_after("a") == pytest.approx(1.0)
+    now[0] = 60.0
+    assert throttle.retry_after("a") == 0.0
+    for i in range(10_000):
+        throttle.failed(f"10.0.{i // 256}.{i % 256}")
+    assert len(throttle._failures) <= 4096

@@ -22,16 +22,14 @@
   let reply = null; // the reply streaming now: { node, text, meta, tokens }
   let stopping = false;
   let applied = null; // the config last applied; sent again after a reconnect
-  let lastError = null;
   let usedKey = ""; // the API key the current connection presented
 
   // ---- connection ----------------------------------------------------------------------
 
   // Paths are relative to the page, so the page also works behind a proxy under a prefix.
-  function socketUrl(key) {
+  function socketUrl() {
     const url = new URL("ws/llm", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    if (key) url.searchParams.set("token", key);
     return url.href;
   }
 
@@ -47,12 +45,11 @@
     else sessionStorage.removeItem(KEY_STORE);
     setConn("connecting", "connecting…");
     el.banner.hidden = true;
-    lastError = null;
-    // The key travels as a subprotocol (browsers cannot set headers on a WebSocket) and as
-    // the `token` query parameter; the server answers with the first non-key entry.
+    // The key travels once, as a subprotocol (browsers cannot set headers on a WebSocket,
+    // and a URL ends up in logs); the server answers with the entry that is not the key.
     const socket = key
-      ? new WebSocket(socketUrl(key), ["fasttalk", "bearer." + key])
-      : new WebSocket(socketUrl(""));
+      ? new WebSocket(socketUrl(), ["fasttalk", "bearer." + key])
+      : new WebSocket(socketUrl());
     ws = socket;
     let opened = false;
     socket.addEventListener("open", () => {
@@ -86,14 +83,41 @@
     connected = false;
     if (reply) finishReply("interrupted", null, "connection lost");
     const why = event.reason ? `: ${event.reason}` : "";
-    let text = `Disconnected (code ${event.code}${why}).`;
     if (!opened) {
-      text = `Could not connect (code ${event.code}): the service is down, or it refuses this ` +
-        `page's origin (LLM_ALLOWED_ORIGINS must then list ${location.origin}).`;
-    } else if (lastError === "unauthorized") {
-      text += " Set the API key under Settings, then reconnect.";
+      disconnected(`Could not connect (code ${event.code}).`);
+      explainRefusal(event.code);
+      return;
     }
-    disconnected(text);
+    disconnected(`Disconnected (code ${event.code}${why}).`);
+  }
+
+  // A refused handshake tells a browser nothing (code 1006): ask /stats, which needs the key
+  // too (asked without it: the key goes only into the handshake), whether a key is required.
+  async function explainRefusal(code) {
+    let status = 0;
+    let error = {};
+    try {
+      const response = await fetch(new URL("stats", location.href), { cache: "no-store" });
+      status = response.status;
+      if (!response.ok) error = (await response.json()).error || {};
+    } catch (_) {
+      status = 0; // the service is not answering at all
+    }
+    if (ws) return; // reconnected meanwhile
+    if (status === 401) {
+      showError("unauthorized", usedKey
+        ? "the service refused this API key (or this page's origin)"
+        : "the service needs an API key", true);
+      el.bannerText.textContent = `Could not connect (code ${code}): ` +
+        "Set the API key under Settings, then reconnect.";
+    } else if (status === 429) {
+      showError(error.code || "rate_limited", error.message || "too many failed attempts", true);
+      el.bannerText.textContent = `Could not connect (code ${code}): ` +
+        "too many failed API key attempts from this address; wait a minute, then reconnect.";
+    } else {
+      el.bannerText.textContent = `Could not connect (code ${code}): the service is down, or ` +
+        `it refuses this page's origin (LLM_ALLOWED_ORIGINS must then list ${location.origin}).`;
+    }
   }
 
   function disconnected(text) {
@@ -151,7 +175,6 @@
 
   function onError(error) {
     const code = error.code || "error";
-    lastError = code;
     // The reply goes on after generation_in_progress; every other error ends it.
     if (reply && code !== "generation_in_progress") {
       if (reply.tokens === 0) {
