@@ -17,6 +17,7 @@ import gc
 import signal
 import socket
 from collections.abc import Callable, Generator
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -24,11 +25,14 @@ from fastapi import FastAPI
 from llm_service.app import BackendFactory, create_app, create_monitoring_app
 from llm_service.backends import open_backend
 from llm_service.config import Settings
-from llm_service.security import protect_server_logs
+from llm_service.guards import guarded_protocols
+from llm_service.redact import protect_server_logs
 
-# The hard cap on one incoming frame: larger frames close the socket with 1009. Frames between
-# LLM_MAX_MESSAGE_BYTES and this cap get a `message_too_large` error and the socket stays open.
-_HARD_FRAME_CAP = 16 * 1024 * 1024
+# How far past LLM_MAX_MESSAGE_BYTES a frame may go and still be read (to be answered with a
+# `message_too_large` error on a socket that stays open). A frame larger than that is refused
+# from its header, before its payload is buffered: the socket closes with 1009. The bound
+# holds after permessage-deflate decompression too.
+FRAME_MARGIN_BYTES = 4096
 
 
 class StartupFailed(RuntimeError):
@@ -59,27 +63,54 @@ class ServiceRunner:
         self.settings = settings
         self.app: FastAPI = create_app(settings, backend_factory)
         protect_server_logs()
-        common = {"log_config": None, "timeout_graceful_shutdown": 5}
+        forwarded = settings.forwarded_allow_ips.strip()
+        common: dict[str, Any] = {
+            "log_config": None,
+            "timeout_graceful_shutdown": 5,
+            # X-Forwarded-For is believed only from the proxies named in FORWARDED_ALLOW_IPS
+            "proxy_headers": bool(forwarded),
+            "forwarded_allow_ips": forwarded or None,
+            "server_header": False,
+        }
+        http, ws = self._protocols()
         self._main = _Server(
             uvicorn.Config(
                 self.app,
                 host=settings.llm_host,
                 port=settings.llm_port,
+                http=http,
+                ws=ws,
                 ws_per_message_deflate=settings.llm_ws_compression,
-                ws_max_size=max(_HARD_FRAME_CAP, 4 * settings.llm_max_message_bytes),
+                ws_max_size=settings.llm_max_message_bytes + FRAME_MARGIN_BYTES,
                 lifespan="on",
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         )
+        http, ws = self._protocols()
         self._monitoring = _Server(
             uvicorn.Config(
                 create_monitoring_app(self.app),
                 host=settings.llm_host,
                 port=settings.llm_monitoring_port,
+                http=http,
+                ws="none",
                 lifespan="off",
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         )
+
+    def _protocols(self) -> tuple[type[asyncio.Protocol], type[asyncio.Protocol]]:
+        settings = self.settings
+        return guarded_protocols(
+            settings.llm_request_head_timeout_s,
+            settings.llm_max_pending_connections,
+            self._refused,
+        )
+
+    def _refused(self, reason: str) -> None:
+        service = getattr(self.app.state, "service", None)
+        if service is not None:
+            service.telemetry.connection_rejected(reason)
 
     on_started: Callable[[], None] | None = None
 

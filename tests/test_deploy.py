@@ -123,6 +123,14 @@ def test_service_ports_environment_and_env_file(compose_name: str) -> None:
     assert service["build"] == {"context": ".", "dockerfile": dockerfile}
 
 
+def test_service_has_room_for_its_file_descriptors(compose_name: str) -> None:
+    # every socket is a descriptor: the default limit of 1024 is below what a full house of
+    # connections, pending request heads and the engine pool may hold at once
+    service = load_compose(compose_name)["services"]["llm-service"]
+    nofile = service["ulimits"]["nofile"]
+    assert nofile["soft"] == nofile["hard"] >= 65536
+
+
 def test_gpu_reservations_only_in_the_gpu_file(compose_name: str) -> None:
     services = load_compose(compose_name)["services"]
     if compose_name != "docker-compose.gpu.yml":

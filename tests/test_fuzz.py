@@ -11,6 +11,7 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llm_service.server import FRAME_MARGIN_BYTES
 from tests.conftest import Client, RunningService, tokens_of
 from tests.fakes.ollama import FakeOllama, Reply
 
@@ -64,6 +65,10 @@ frame_objects = st.fixed_dictionaries(
 )
 
 
+def big_message(size: int) -> str:
+    return '{"type":"user_message","text":"' + "a" * size + '"}'
+
+
 def deep(depth: int) -> str:
     return "[" * depth + "]" * depth
 
@@ -74,8 +79,12 @@ raw_frames = st.one_of(
     st.text(max_size=300),
     st.binary(max_size=300),
     st.integers(1, 3000).map(deep),
-    st.integers(300_000, 400_000).map(lambda n: '{"type":"user_message","text":"' + "a" * n + '"}'),
+    # just over LLM_MAX_MESSAGE_BYTES (256 KiB): read and refused; far over it: the socket closes
+    st.integers(262_200, 266_000).map(big_message),
+    st.integers(300_000, 400_000).map(big_message),
 )
+
+FRAME_CAP = 256 * 1024 + FRAME_MARGIN_BYTES
 
 
 async def exchange(client: Client, raw: str | bytes) -> list[dict[str, Any]]:
@@ -99,6 +108,15 @@ async def test_random_frames_are_answered_and_a_neighbour_is_unaffected(
     client = await service.connect()
     await client.start()
     for raw in batch:
+        if len(raw) > FRAME_CAP:
+            # refused from its header: close 1009, and a new socket works
+            await client.send(raw)
+            with pytest.raises(websockets.ConnectionClosed):
+                await client.recv_until(tuple(FINAL), limit=10)
+            assert client.ws.close_code == 1009
+            client = await service.connect()
+            await client.start()
+            continue
         frames = await exchange(client, raw)
         last = frames[-1]
         assert last["type"] in FINAL
