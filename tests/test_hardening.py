@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import socket
 from pathlib import Path
 
 import httpx
@@ -215,3 +217,42 @@ async def test_api_docs_are_off_unless_asked_for(fake_ollama: FakeOllama) -> Non
         async with running_service(settings) as service:
             for path in ("/docs", "/openapi.json"):
                 assert (await service.get(path)).status_code == status, path
+
+
+async def test_a_ping_flood_from_a_peer_that_never_reads_holds_no_memory(
+    tmp_path: Path, fake_ollama: FakeOllama
+) -> None:
+    handshake = (
+        b"GET /ws/llm HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    pings = (b"\x89\xfd\x00\x00\x00\x00" + b"p" * 125) * 512  # masked pings, 125-byte payloads
+    async with service_process(tmp_path, OLLAMA_BASE_URL=fake_ollama.url) as service:
+        baseline = service.rss_bytes()
+        writers = []
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+            sock.connect(("127.0.0.1", service.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(handshake)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            writers.append(writer)
+        offered = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(4):
+                while True:  # as fast as the service reads them
+                    for writer in writers:
+                        writer.write(pings)
+                        offered += len(pings)
+                    await asyncio.gather(*(writer.drain() for writer in writers))
+        growth = service.rss_bytes() - baseline
+        for writer in writers:
+            writer.transport.abort()
+    # answered at once, each ping would have queued a pong: as many bytes as were offered
+    assert offered > 40_000_000, "the flood was too small to show anything"
+    assert growth < 16_000_000, (
+        f"RSS grew {growth / 1e6:.0f} MB for {offered / 1e6:.0f} MB of pings"
+    )
