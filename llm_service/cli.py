@@ -1,7 +1,8 @@
 """The command line: `websocket` runs the service, `test` checks the engine, `config` shows it.
 
 Settings come from the environment and `.env`; command-line options override them. A bad
-setting stops the command with a message naming the variable, and exit status 2.
+setting, a model file or device that is not there, a port that is taken: each stops the
+command with one message naming the variable or the port, and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from typing import Annotated, Any
 import typer
 
 from llm_service.backends import open_backend
-from llm_service.backends.base import ChatMessage, GenerationParams, StreamEnd
-from llm_service.backends.llamacpp import ModelFileError
+from llm_service.backends.base import ChatMessage, ChatRequest, LLMBackend, StreamEnd
 from llm_service.backends.ollama import OllamaBackend
-from llm_service.config import ConfigError, Settings, load_settings
-from llm_service.device import DeviceUnavailableError, detect_device
-from llm_service.errors import ServiceError
+from llm_service.config import Settings, load_settings
+from llm_service.device import detect_device
+from llm_service.errors import ConfigError, DeviceUnavailableError, ServiceError, StartupError
 
 cli = typer.Typer(
     add_completion=False,
@@ -47,15 +47,15 @@ def websocket(
 ) -> None:
     """Run the service: /ws/llm, /health and /stats, plus /metrics on the monitoring port."""
     from llm_service.logs import configure_logging
-    from llm_service.server import StartupFailed, run
+    from llm_service.server import run
 
     settings = _settings(llm_host=host, llm_port=port, llm_model=model, log_level=log_level)
     configure_logging(settings.log_level, settings.log_format)
     try:
         run(settings)
-    except StartupFailed as exc:
+    except StartupError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        raise typer.Exit(2) from exc
 
 
 @cli.command("test")
@@ -67,7 +67,7 @@ def test_engine(
 ) -> None:
     """Check the engine as an operator would: reachable, version, model, a short generation."""
     settings = _settings(llm_model=model)
-    ok = asyncio.run(_check_engine(settings, pull))
+    ok = asyncio.run(_check_engine(settings, pull, model_asked=model is not None))
     raise typer.Exit(0 if ok else 1)
 
 
@@ -95,15 +95,23 @@ async def _pull(backend: OllamaBackend) -> bool:
     return True
 
 
-async def _check_engine(settings: Settings, pull: bool = False) -> bool:
+async def _check_engine(settings: Settings, pull: bool = False, model_asked: bool = False) -> bool:
     typer.echo(f"backend   LLM_BACKEND={settings.llm_backend}")
     try:
         choice = await open_backend(settings)
-    except (ModelFileError, DeviceUnavailableError) as exc:
+    except StartupError as exc:
         return _verdict(False, str(exc))
     backend = choice.backend
     try:
         typer.echo(f"engine    {backend.name}: {choice.reason}")
+        if not isinstance(backend, OllamaBackend) and (pull or model_asked):
+            option = "--pull" if pull else "--model"
+            return _verdict(
+                False,
+                f"{option} applies to Ollama, which names and pulls models; the embedded engine "
+                "runs one GGUF file (LLAMACPP_MODEL_PATH, or the packaged SmolLM2). Run "
+                "Ollama (or set LLM_BACKEND=ollama) to use it",
+            )
         if choice.device is not None:
             typer.echo(
                 f"device    {choice.device.kind} ({choice.device.name}, "
@@ -136,20 +144,17 @@ async def _check_engine(settings: Settings, pull: bool = False) -> bool:
         await backend.aclose()
 
 
-async def _short_generation(backend: Any, settings: Settings) -> tuple[int, float, float]:
-    params = GenerationParams(
-        temperature=0.0,
-        max_tokens=24,
+async def _short_generation(backend: LLMBackend, settings: Settings) -> tuple[int, float, float]:
+    request = ChatRequest(
+        [ChatMessage("user", _TEST_PROMPT)],
+        settings.default_sampling().updated({"temperature": 0.0, "max_tokens": 24}),
         context_window=min(2048, settings.default_context_window),
-        top_p=settings.default_top_p,
-        top_k=settings.default_top_k,
-        repeat_penalty=settings.default_repeat_penalty,
     )
     started = time.perf_counter()
     first: float | None = None
     frames = 0
     end = StreamEnd()
-    async with aclosing(backend.stream_chat([ChatMessage("user", _TEST_PROMPT)], params)) as s:
+    async with aclosing(backend.stream_chat(request)) as s:
         async for item in s:
             if isinstance(item, str):
                 frames += 1
@@ -169,13 +174,12 @@ def _verdict(ok: bool, message: str) -> bool:
 
 @cli.command()
 def config(
-    show: Annotated[bool, typer.Option("--show", help="Print the effective configuration")] = False,
+    show: Annotated[
+        bool, typer.Option("--show", help="Print the effective configuration (the default)")
+    ] = True,
 ) -> None:
     """Show the effective configuration (environment, .env and defaults), secrets masked."""
     settings = _settings()
-    if not show:
-        typer.echo("use: config --show")
-        raise typer.Exit(0)
     shown = settings.shown()
     width = max(len(name) for name in shown)
     for name, value in shown.items():

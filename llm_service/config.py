@@ -13,16 +13,25 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llm_service.errors import ConfigError
 from llm_service.redact import MASK, mask_url
+from llm_service.sampling import SamplingParams
 
+_SAMPLING = SamplingParams.model_fields
+# The sampler settings with a DEFAULT_* variable: DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ...
+_SAMPLED = ("temperature", "max_tokens", "top_p", "top_k", "repeat_penalty")
+_DEFAULTED = tuple(f"default_{name}" for name in _SAMPLED)
 _KEEP_ALIVE = re.compile(r"^-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h)?$|^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
-
-
-class ConfigError(ValueError):
-    """The environment holds a setting the service cannot start with."""
 
 
 class Settings(BaseSettings):
@@ -83,14 +92,14 @@ class Settings(BaseSettings):
     llm_max_connections_per_client: int = Field(0, ge=0)
     llm_auth_failures_per_minute: int = Field(10, ge=0)
 
-    # Generation defaults for a new session
+    # Generation defaults for a new session; their ranges are SamplingParams', as a session's
     default_system_prompt: str = ""
-    default_temperature: float = Field(0.7, ge=0, le=2)
-    default_max_tokens: int = Field(2048, ge=1)
+    default_temperature: float = _SAMPLING["temperature"].default
+    default_max_tokens: int = _SAMPLING["max_tokens"].default
     default_context_window: int = Field(8192, ge=256)
-    default_top_p: float = Field(0.9, gt=0, le=1)
-    default_top_k: int = Field(40, ge=1)
-    default_repeat_penalty: float = Field(1.1, gt=0)
+    default_top_p: float = _SAMPLING["top_p"].default
+    default_top_k: int = _SAMPLING["top_k"].default
+    default_repeat_penalty: float = _SAMPLING["repeat_penalty"].default
 
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -107,6 +116,16 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator(*_DEFAULTED, mode="after")
+    @classmethod
+    def _sampling_range(cls, value: float, info: ValidationInfo) -> float:
+        name = str(info.field_name).removeprefix("default_")
+        try:
+            SamplingParams.model_validate({name: value})
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"]) from exc
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -136,6 +155,10 @@ class Settings(BaseSettings):
                 f"DEFAULT_CONTEXT_WINDOW ({self.default_context_window}): the prompt needs room"
             )
         return self
+
+    def default_sampling(self) -> SamplingParams:
+        """A new session's sampling settings, from the DEFAULT_* variables."""
+        return SamplingParams(**{name: getattr(self, f"default_{name}") for name in _SAMPLED})
 
     def api_keys(self) -> tuple[str, ...]:
         """The accepted API keys (LLM_API_KEY, comma-separated); empty when access is open."""

@@ -1,17 +1,19 @@
 """Conversations: per-session history, the context budget, and one turn at a time.
 
 A `Conversation` holds the system prompt and the user/assistant turns in order. Each user
-message becomes a `Turn`: the prompt is cut to fit the context window (the oldest whole turns
-go first; the system prompt and the new message always stay, and a message that cannot fit is
-refused with `context_overflow`), the reply is streamed from the backend, and when the turn ends
-the history is updated by one rule: the assistant text stored is exactly the text handed to the
-client. A turn cut short by a cancel, a disconnect or an engine failure keeps the user message
-and the partial reply together, marked `interrupted` or `incomplete`; a turn that produced no
-text at all leaves the history as it was.
+message is admitted first (`TurnLimits`: its length, the turn rate), then becomes a `Turn`:
+the prompt is cut to fit the context window (the oldest whole turns go first; the system
+prompt and the new message always stay, and a message that cannot fit is refused with
+`context_overflow`), the reply is streamed from the backend, and when the turn ends the
+history is updated by one rule: the assistant text stored is exactly the text handed on and
+delivered (a chunk counts once its consumer asks for the next one, so a chunk whose send was
+cut short is not stored). A turn cut short by a cancel, a disconnect or an engine failure
+keeps the user message and the partial reply together, marked `interrupted` or `incomplete`;
+a turn that produced no text at all leaves the history as it was.
 
 Token counts come from the engine where it reports them (`StreamEnd.prompt_tokens`,
 `completion_tokens`, or the backend's own tokenizer); `estimate_tokens` covers text not yet
-counted.
+counted. Everything here is plain values: the wire shapes live in `protocol.py`.
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llm_service.backends.base import ChatMessage, GenerationParams, LLMBackend, Role, StreamEnd
-from llm_service.config import Settings
-from llm_service.errors import ContextOverflow, InvalidConfig
+from llm_service.backends.base import ChatMessage, ChatRequest, LLMBackend, Role, StreamEnd
+from llm_service.errors import ContextOverflow, InvalidConfig, MessageTooLong, RateLimited
 from llm_service.metrics import Telemetry
-from llm_service.protocol import ConfigUpdate
+from llm_service.sampling import SamplingParams
+from llm_service.timing import SlidingWindow
 
 # What a chat template adds around each message (role markers, separators), and the header
 # that opens the assistant's reply. Used with estimates and exact counts alike.
@@ -52,67 +54,35 @@ def estimate_tokens(text: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
-    """A session's effective generation settings."""
+    """A session's effective settings: its system prompt and how its replies are sampled."""
 
     system_prompt: str
-    temperature: float
-    max_tokens: int
-    top_p: float
-    top_k: int
-    repeat_penalty: float
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    sampling: SamplingParams
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> SessionConfig:
-        return cls(
-            system_prompt=settings.default_system_prompt,
-            temperature=settings.default_temperature,
-            max_tokens=settings.default_max_tokens,
-            top_p=settings.default_top_p,
-            top_k=settings.default_top_k,
-            repeat_penalty=settings.default_repeat_penalty,
+    def updated(
+        self, system_prompt: str | None, sampling: Mapping[str, Any], context_window: int
+    ) -> SessionConfig:
+        """This config with what the client set; raises `InvalidConfig` if it cannot work."""
+        new = SessionConfig(
+            self.system_prompt if system_prompt is None else system_prompt,
+            self.sampling.updated(sampling),
         )
-
-    def updated(self, update: ConfigUpdate, context_window: int) -> SessionConfig:
-        """This config with the fields the client set; raises `InvalidConfig` if it cannot work."""
-        changes: dict[str, Any] = {
-            name: value
-            for name, value in update.model_dump(exclude_none=True).items()
-            if name in SessionConfig.__dataclass_fields__
-        }
-        if "stop" in changes:
-            changes["stop"] = tuple(changes["stop"])
-        new = SessionConfig(**{**asdict(self), **changes})
-        if new.max_tokens >= context_window:
+        max_tokens = new.sampling.max_tokens
+        if max_tokens >= context_window:
             raise InvalidConfig(
-                f"max_tokens ({new.max_tokens}) must be smaller than the context window "
+                f"max_tokens ({max_tokens}) must be smaller than the context window "
                 f"({context_window}), which must also hold the prompt"
             )
         return new
 
-    def to_wire(self) -> dict[str, Any]:
-        wire = asdict(self)
-        wire["stop"] = list(self.stop)
-        return wire
 
-    def params(self, context_window: int) -> GenerationParams:
-        return GenerationParams(
-            temperature=self.temperature,
-            max_tokens=self.max_tokens,
-            context_window=context_window,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repeat_penalty=self.repeat_penalty,
-            min_p=self.min_p,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
-            stop=self.stop,
-        )
+@dataclass(frozen=True, slots=True)
+class TurnLimits:
+    """What a turn must respect to be admitted (0 turns a limit off)."""
+
+    max_chars: int = 0
+    per_minute: int = 0
+    max_history_turns: int = 0
 
 
 @dataclass(slots=True)
@@ -123,12 +93,6 @@ class Entry:
     content: str
     tokens: int
     status: Status = "complete"
-
-    def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"role": self.role, "content": self.content}
-        if self.role == "assistant":
-            wire["status"] = self.status
-        return wire
 
 
 @dataclass(slots=True)
@@ -145,13 +109,15 @@ class TurnStats:
     done_reason: str | None = None
     engine_tokens_per_second: float | None = None
 
-    def to_wire(self) -> dict[str, Any]:
-        wire = asdict(self)
-        return {
-            k: (round(v, 2) if isinstance(v, float) else v)
-            for k, v in wire.items()
-            if v is not None
-        }
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """The figures of a whole session, as sent in `session_ended`."""
+
+    turns: int
+    tokens_generated: int
+    history_messages: int
+    duration_s: float
 
 
 class Turn:
@@ -172,7 +138,7 @@ class Turn:
         self.dropped = dropped
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # the chunks delivered so far
         self.end: StreamEnd | None = None
         self.finished_at: float | None = None
 
@@ -182,9 +148,9 @@ class Turn:
         inter_token = conv.telemetry.inter_token
         parts = self.parts
         outcome: Status = "incomplete"
+        request = ChatRequest(self.prompt, conv.config.sampling, conv.context_window)
         try:
-            params = conv.config.params(conv.context_window)
-            async with aclosing(conv.backend.stream_chat(self.prompt, params)) as chunks:
+            async with aclosing(conv.backend.stream_chat(request)) as chunks:
                 last = 0.0
                 async for item in chunks:
                     if type(item) is str:
@@ -194,8 +160,8 @@ class Turn:
                         else:
                             self.first_token_at = now
                         last = now
-                        parts.append(item)
                         yield item
+                        parts.append(item)  # asked for more: the chunk was delivered
                     elif isinstance(item, StreamEnd):
                         self.end = item
             outcome = "complete"
@@ -236,14 +202,16 @@ class Conversation:
     backend: LLMBackend
     context_window: int
     telemetry: Telemetry
-    max_history_turns: int = 0  # 0: no cap beyond the context budget
+    limits: TurnLimits = TurnLimits()
     system: Entry | None = None
     entries: list[Entry] = field(default_factory=list)
     turns: int = 0
     tokens_generated: int = 0
     started_at: float = field(default_factory=time.monotonic)
+    _rate: SlidingWindow = field(init=False)
 
     def __post_init__(self) -> None:
+        self._rate = SlidingWindow(self.limits.per_minute)
         self.reset(self.config)
 
     def reset(self, config: SessionConfig) -> None:
@@ -258,19 +226,37 @@ class Conversation:
         return (exact if exact is not None else estimate_tokens(text)) + MESSAGE_OVERHEAD
 
     def start_turn(self, text: str) -> Turn:
-        """Plan a turn for `text`: the prompt that fits the window, oldest turns dropped."""
+        """Admit `text` and plan its turn: the prompt that fits the window, oldest turns
+        dropped. Only a turn that is started counts against the rate limit."""
+        limits = self.limits
+        if limits.max_chars and len(text) > limits.max_chars:
+            raise MessageTooLong(
+                f"the message has {len(text)} characters; the limit is {limits.max_chars}"
+            )
+        wait = self._rate.wait()
+        if wait:
+            raise RateLimited(
+                f"at most {limits.per_minute} turns a minute on one connection; retry later",
+                retry_after_ms=max(1, round(wait * 1000)),
+            )
+        turn = self._plan(text)
+        self._rate.record()
+        return turn
+
+    def _plan(self, text: str) -> Turn:
         user = Entry("user", text, self.count(text))
-        budget = self.context_window - self.config.max_tokens - REPLY_PRIMER
+        max_tokens = self.config.sampling.max_tokens
+        budget = self.context_window - max_tokens - REPLY_PRIMER
         fixed = user.tokens + (self.system.tokens if self.system else 0)
         if fixed > budget:
             raise ContextOverflow(
                 f"the message needs about {user.tokens} tokens and the system prompt "
                 f"{fixed - user.tokens}, more than the {budget} the context window "
-                f"({self.context_window}) leaves beside max_tokens ({self.config.max_tokens})"
+                f"({self.context_window}) leaves beside max_tokens ({max_tokens})"
             )
         # LLM_MAX_HISTORY_TURNS first (the new turn counts), then the context budget.
         kept_turns = len(self.entries) // 2
-        cap = self.max_history_turns
+        cap = self.limits.max_history_turns
         dropped = 2 * max(0, kept_turns + 1 - cap) if cap else 0
         total = fixed + sum(e.tokens for e in self.entries[dropped:])
         while total > budget:
@@ -309,18 +295,17 @@ class Conversation:
             else stats.time_to_first_token_ms / 1000,
         )
 
-    def history(self) -> list[dict[str, Any]]:
-        entries = ([self.system] if self.system else []) + self.entries
-        return [e.to_wire() for e in entries]
+    def messages(self) -> list[Entry]:
+        """The whole history: the system prompt, then the turns."""
+        return ([self.system] if self.system else []) + self.entries
 
-    def summary(self) -> dict[str, Any]:
-        """The stats of `session_ended`."""
-        return {
-            "turns": self.turns,
-            "tokens_generated": self.tokens_generated,
-            "history_messages": len(self.entries) + (1 if self.system else 0),
-            "duration_s": round(time.monotonic() - self.started_at, 3),
-        }
+    def summary(self) -> SessionSummary:
+        return SessionSummary(
+            turns=self.turns,
+            tokens_generated=self.tokens_generated,
+            history_messages=len(self.entries) + (1 if self.system else 0),
+            duration_s=round(time.monotonic() - self.started_at, 3),
+        )
 
 
 def new_session_id() -> str:

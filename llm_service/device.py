@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal, assert_never
 
+from llm_service.errors import DeviceUnavailableError
+
 DeviceKind = Literal["cuda", "mps", "cpu"]
 
 _APPLE = "Apple Silicon (arm64 Darwin)"
-
-
-class DeviceUnavailableError(Exception):
-    """COMPUTE_DEVICE (or GPU_DEVICE_ID) asks for hardware this host does not have."""
 
 
 @dataclass(frozen=True)

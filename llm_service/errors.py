@@ -1,9 +1,12 @@
 """The service's error tree and its stable codes.
 
-Every failure a client can see is one of these classes. Each carries the `code` that goes on the
-wire (stable, lower snake_case, listed in the README), a `severity` and whether the same socket
-can be used again (`recoverable`). Lower layers raise them, translated once from whatever
-caused them (`raise UpstreamUnavailable(...) from exc`); `ws.py` alone turns them into frames.
+Every failure a client can see is a `ServiceError`. Each class carries the `code` that goes on
+the wire (stable, lower snake_case, listed in the README), a `severity`, whether the same socket
+can be used again (`recoverable`) and, for an error that ends the connection, the WebSocket
+`close_code` that follows its frame (as starlette's `WebSocketException` carries its code).
+Lower layers raise them, translated once from whatever caused them (`raise
+UpstreamUnavailable(...) from exc`); `ws.py` alone turns them into frames. A failure to start
+is a `StartupError`: one message naming the variable or the port, and exit status 2.
 
     ServiceError
     ├── ClientError                      the client sent something the service will not take
@@ -17,7 +20,7 @@ caused them (`raise UpstreamUnavailable(...) from exc`); `ws.py` alone turns the
     │   ├── ContextOverflow              context_overflow
     │   ├── MaxConnections               max_connections (closes the socket with 1013)
     │   ├── MaxConnectionsPerClient      max_connections_per_client (closes with 1013)
-    │   ├── Unauthorized                 unauthorized (closes the socket with 1008)
+    │   ├── Unauthorized                 unauthorized (HTTP 401 at the handshake)
     │   └── SessionIdleTimeout           session_idle_timeout (closes the socket with 1000)
     ├── ServiceShuttingDown              service_shutting_down (closes the socket with 1001)
     ├── EngineError                      the engine failed or could not be reached
@@ -29,11 +32,17 @@ caused them (`raise UpstreamUnavailable(...) from exc`); `ws.py` alone turns the
     │   ├── CircuitOpen                  circuit_open
     │   └── UpstreamTimeout              timeout
     └── InternalError                    internal_error
+
+    StartupError                         the service cannot start (exit status 2)
+    ├── ConfigError                      a setting the service cannot start with
+    ├── ModelFileError                   no usable GGUF model file
+    ├── DeviceUnavailableError           COMPUTE_DEVICE names a device this host lacks
+    └── StartupFailed                    a port is taken, or the app failed to start
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 Severity = Literal["low", "medium", "high", "critical"]
 
@@ -44,23 +53,13 @@ class ServiceError(Exception):
     code: ClassVar[str] = "internal_error"
     severity: ClassVar[Severity] = "high"
     recoverable: ClassVar[bool] = True
+    close_code: ClassVar[int | None] = None  # the close that follows the frame, if any
+    http_status: ClassVar[int] = 400  # when the refusal is an HTTP answer instead
 
     def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_ms = retry_after_ms
-
-    def to_wire(self) -> dict[str, Any]:
-        """The `error` object of an error frame."""
-        body: dict[str, Any] = {
-            "code": self.code,
-            "message": self.message,
-            "severity": self.severity,
-            "recoverable": self.recoverable,
-        }
-        if self.retry_after_ms is not None:
-            body["retry_after_ms"] = self.retry_after_ms
-        return body
 
 
 class ClientError(ServiceError):
@@ -91,6 +90,7 @@ class MessageTooLong(ClientError):
 
 class RateLimited(ClientError):
     code = "rate_limited"
+    http_status = 429
 
 
 class GenerationInProgress(ClientError):
@@ -105,29 +105,34 @@ class MaxConnections(ClientError):
     code = "max_connections"
     severity = "medium"
     recoverable = False
+    close_code = 1013  # try again later
 
 
 class MaxConnectionsPerClient(ClientError):
     code = "max_connections_per_client"
     severity = "medium"
     recoverable = False
+    close_code = 1013
 
 
 class Unauthorized(ClientError):
     code = "unauthorized"
     severity = "medium"
     recoverable = False
+    http_status = 401
 
 
 class SessionIdleTimeout(ClientError):
     code = "session_idle_timeout"
     recoverable = False
+    close_code = 1000
 
 
 class ServiceShuttingDown(ServiceError):
     code = "service_shutting_down"
     severity: ClassVar[Severity] = "medium"
     recoverable = False
+    close_code = 1001  # going away
 
 
 class EngineError(ServiceError):
@@ -179,3 +184,23 @@ class UpstreamTimeout(EngineError):
 class InternalError(ServiceError):
     code = "internal_error"
     severity = "critical"
+
+
+class StartupError(Exception):
+    """The service cannot start. The message alone is shown, so it names what to change."""
+
+
+class ConfigError(StartupError, ValueError):
+    """The environment holds a setting the service cannot start with."""
+
+
+class ModelFileError(StartupError):
+    """No usable GGUF model file."""
+
+
+class DeviceUnavailableError(StartupError):
+    """COMPUTE_DEVICE asks for a device this host does not have."""
+
+
+class StartupFailed(StartupError):
+    """The main app did not start: a port was taken, or its lifespan failed."""

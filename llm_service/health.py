@@ -27,7 +27,6 @@ class EngineHealth:
         self._last: EngineStatus | None = None
         self._checked_at = float("-inf")
         self._inflight: asyncio.Task[EngineStatus] | None = None
-        self.probes = 0
 
     async def current(self) -> EngineStatus:
         if self._last is not None and time.monotonic() - self._checked_at < self._ttl:
@@ -42,7 +41,6 @@ class EngineHealth:
             )
 
     async def _probe(self) -> EngineStatus:
-        self.probes += 1
         status = await self._backend.status()
         self._last, self._checked_at = status, time.monotonic()
         self._telemetry.engine_up.set(1 if status.reachable else 0)

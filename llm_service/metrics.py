@@ -1,9 +1,11 @@
 """What the service counts: the Prometheus registry behind `/metrics` and the totals of `/stats`.
 
 `Telemetry` is made once per app with its own `CollectorRegistry` (never the global one) and is
-the single sink for events: each method updates the Prometheus series and the plain totals that
-`/stats` reports, so the two never disagree. Labels stay bounded: outcomes and error codes,
-never a session id.
+the sink for events: each method updates the Prometheus series and the plain totals that
+`/stats` reports, so the two never disagree. Two histograms are observed directly by their one
+user, where a method call would be pure overhead: `inter_token` (once per token, by the turn)
+and `cancel_latency` (by the cancel). Labels stay bounded: outcomes and error codes, never a
+session id.
 """
 
 from __future__ import annotations
@@ -181,6 +183,9 @@ class Telemetry:
 
     def upstream_request(self, outcome: str) -> None:
         self.upstream_requests.labels(outcome).inc()
+
+    def upstream_retried(self) -> None:
+        self.upstream_retries.inc()
 
     def turn_finished(
         self,

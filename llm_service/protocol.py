@@ -1,43 +1,55 @@
-"""The wire frames of `/ws/llm`: client frames parsed in, server frames serialised out.
+"""The wire frames of `/ws/llm`: every client frame parsed in, every server frame built here.
 
 Parsing is strict and total: any text a client sends either becomes one of the typed frames
 below or raises the `ClientError` that names what is wrong (`invalid_json`, `invalid_message`,
-`invalid_config`, `message_too_large`). Unknown fields are ignored, as PROTOCOL.md requires.
-Server frames are built here too, so the shape of every frame lives in one file.
+`invalid_config`, `message_too_large`). Unknown fields of a frame are ignored, as PROTOCOL.md
+requires; unknown fields of a `start_session` config are ignored too, and named back in
+`session_configured`'s `ignored_fields`, so a typo (`temprature`) does not pass unnoticed.
+
+Server frames are built by the functions at the end, one per frame type, from the plain
+values the conversation hands over; they return the encoded text, ready to send. The token
+frame, sent once per chunk, is one `orjson.dumps` and nothing else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ConfigDict, Field, ValidationError, create_model
 
-from llm_service.errors import InvalidConfig, InvalidJSON, InvalidMessage, MessageTooLarge
+from llm_service.conversation import Entry, SessionConfig, SessionSummary, TurnStats
+from llm_service.errors import (
+    InvalidConfig,
+    InvalidJSON,
+    InvalidMessage,
+    MessageTooLarge,
+    ServiceError,
+)
+from llm_service.sampling import SamplingParams, describe
 
-
-class ConfigUpdate(BaseModel):
-    """The `config` of a `start_session` frame: every field optional, types checked strictly."""
-
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
-
-    system_prompt: str | None = Field(None, max_length=200_000)
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repeat_penalty: float | None = Field(None, ge=0, le=10)
-    min_p: float | None = Field(None, ge=0, le=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=-(2**31), lt=2**31)
-    stop: list[str] | None = Field(None, max_length=16)
+MAX_SYSTEM_PROMPT_CHARS = 200_000
+ConfigUpdate = create_model(
+    "ConfigUpdate",
+    __config__=ConfigDict(strict=True, extra="ignore", frozen=True),
+    __doc__="The `config` of a `start_session` frame: every field optional, checked strictly.",
+    system_prompt=(str | None, Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)),
+    **SamplingParams.optional_fields(),
+)
 
 
 @dataclass(frozen=True, slots=True)
 class StartSession:
-    config: ConfigUpdate
+    config: Any  # a ConfigUpdate, whose fields are built from SamplingParams'
+    ignored: tuple[str, ...] = ()  # fields of the config the service does not know
+
+    def changes(self) -> tuple[str | None, dict[str, Any]]:
+        """The system prompt and the sampler settings the client set."""
+        values = self.config.model_dump(exclude_none=True)
+        return values.pop("system_prompt", None), values
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +80,7 @@ _SIMPLE: dict[str, ClientFrame] = {
     "get_history": GetHistory(),
 }
 KNOWN_TYPES = ("start_session", "user_message", *_SIMPLE)
+_SAMPLING = SamplingParams.names()
 
 
 def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
@@ -91,7 +104,7 @@ def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
             raise InvalidMessage("user_message 'text' must not be empty")
         return UserMessage(body)
     if kind == "start_session":
-        return StartSession(_parse_config(data.get("config")))
+        return _parse_config(data.get("config"))
     simple = _SIMPLE.get(kind)
     if simple is None:
         raise InvalidMessage(
@@ -100,18 +113,18 @@ def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
     return simple
 
 
-def _parse_config(raw: Any) -> ConfigUpdate:
+def _parse_config(raw: Any) -> StartSession:
     if raw is None:
-        return ConfigUpdate()
+        return StartSession(ConfigUpdate())
     if not isinstance(raw, dict):
         raise InvalidConfig(f"'config' must be an object, not {_json_kind(raw)}")
     try:
-        return ConfigUpdate.model_validate(raw)
+        config = ConfigUpdate.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]
-        )
-        raise InvalidConfig(f"invalid config: {problems}") from exc
+        raise InvalidConfig(f"invalid config: {describe(exc)}") from exc
+    known = ConfigUpdate.model_fields
+    ignored = tuple(str(name)[:64] for name in raw if name not in known)
+    return StartSession(config, ignored[:32])
 
 
 def _json_kind(value: Any) -> str:
@@ -123,13 +136,108 @@ def _json_kind(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
     return "a number"
 
 
-def dumps(frame: dict[str, Any]) -> str:
-    """Serialise a server frame."""
+# ---- server frames ------------------------------------------------------------------------
+
+
+def _encode(frame: dict[str, Any]) -> str:
     return orjson.dumps(frame).decode()
 
 
-def token_frame(text: str) -> str:
+def token(text: str) -> str:
     return orjson.dumps({"type": "token", "data": text}).decode()
+
+
+def session_started(session_id: str) -> str:
+    return _encode({"type": "session_started", "session_id": session_id})
+
+
+def session_configured(session_id: str, config: SessionConfig, ignored: Sequence[str]) -> str:
+    return _encode(
+        {
+            "type": "session_configured",
+            "session_id": session_id,
+            "config": config_body(config),
+            "ignored_fields": list(ignored),
+        }
+    )
+
+
+def response_complete(stats: TurnStats) -> str:
+    return _encode({"type": "response_complete", "stats": stats_body(stats)})
+
+
+def cancelled(stats: TurnStats | None, frames_after_cancel: int = 0) -> str:
+    """`cancelled`: with the stopped turn's stats, or `success: false` when none ran."""
+    if stats is None:
+        return _encode({"type": "cancelled", "success": False})
+    body = stats_body(stats)
+    # the promise: at most one more token frame once the cancel was read
+    body["token_frames_after_cancel"] = frames_after_cancel
+    return _encode({"type": "cancelled", "success": True, "stats": body})
+
+
+def session_ended(session_id: str, summary: SessionSummary) -> str:
+    return _encode({"type": "session_ended", "session_id": session_id, "stats": asdict(summary)})
+
+
+def history(session_id: str, entries: Sequence[Entry]) -> str:
+    return _encode({"type": "history", "session_id": session_id, "messages": messages(entries)})
+
+
+def error(exc: ServiceError) -> str:
+    return _encode({"type": "error", "error": error_body(exc)})
+
+
+def http_refusal(exc: ServiceError) -> JSONResponse:
+    """The HTTP answer to a request refused before it is served (no key, throttled)."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else {}
+    if exc.retry_after_ms is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_ms / 1000)))
+    return JSONResponse({"error": error_body(exc)}, status_code=exc.http_status, headers=headers)
+
+
+# ---- the parts of frames ------------------------------------------------------------------
+
+
+def error_body(exc: ServiceError) -> dict[str, Any]:
+    """The `error` object of an error frame (and of an HTTP refusal's body)."""
+    body: dict[str, Any] = {
+        "code": exc.code,
+        "message": exc.message,
+        "severity": exc.severity,
+        "recoverable": exc.recoverable,
+    }
+    if exc.retry_after_ms is not None:
+        body["retry_after_ms"] = exc.retry_after_ms
+    return body
+
+
+def config_body(config: SessionConfig) -> dict[str, Any]:
+    body: dict[str, Any] = {"system_prompt": config.system_prompt}
+    body.update(config.sampling.model_dump())
+    body["stop"] = list(config.sampling.stop)
+    return body
+
+
+def stats_body(stats: TurnStats) -> dict[str, Any]:
+    return {
+        k: (round(v, 2) if isinstance(v, float) else v)
+        for k, v in asdict(stats).items()
+        if v is not None
+    }
+
+
+def messages(entries: Sequence[Entry]) -> list[dict[str, Any]]:
+    """History entries as `{"role", "content"}`, with `status` on the assistant's."""
+    out: list[dict[str, Any]] = []
+    for entry in entries:
+        message: dict[str, Any] = {"role": entry.role, "content": entry.content}
+        if entry.role == "assistant":
+            message["status"] = entry.status
+        out.append(message)
+    return out

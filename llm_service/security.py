@@ -7,7 +7,7 @@ headers on a WebSocket) as a `Sec-WebSocket-Protocol` entry `bearer.<key>`; keys
 in constant time. Failed attempts are counted per client address (`AuthThrottle`): past
 `LLM_AUTH_FAILURES_PER_MINUTE` that address is refused at once for the rest of the minute,
 and failures are logged once per address per minute (30 lines a minute at most), however
-many there are. `TurnRateLimiter` counts events in a sliding minute (one connection's turns).
+many there are.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import structlog
 
 from llm_service.errors import ClientError, RateLimited, Unauthorized
+from llm_service.timing import SlidingWindow
 
 log = structlog.get_logger("llm_service.security")
 
@@ -86,7 +87,7 @@ class Access:
         self._keys = tuple(k.encode() for k in keys)
         self._origins = frozenset(origins)
         self._throttle = throttle or AuthThrottle(0)
-        self._log_budget = TurnRateLimiter(_LOGGED_FAILURES_PER_MINUTE)  # across addresses
+        self._log_budget = SlidingWindow(_LOGGED_FAILURES_PER_MINUTE)  # across addresses
 
     @property
     def open(self) -> bool:
@@ -169,24 +170,3 @@ def chosen_subprotocol(subprotocols: list[str]) -> str | None:
         if not protocol.startswith(BEARER_PROTOCOL_PREFIX):
             return protocol
     return None
-
-
-class TurnRateLimiter:
-    """At most `per_minute` turns in any sliding 60 seconds (0: no limit)."""
-
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._limit = per_minute
-        self._clock = clock
-        self._starts: deque[float] = deque()
-
-    def admit(self) -> float:
-        """Record a turn and return 0, or return the seconds to wait before one is allowed."""
-        if self._limit <= 0:
-            return 0.0
-        now = self._clock()
-        while self._starts and now - self._starts[0] >= 60.0:
-            self._starts.popleft()
-        if len(self._starts) >= self._limit:
-            return 60.0 - (now - self._starts[0])
-        self._starts.append(now)
-        return 0.0

@@ -7,6 +7,11 @@ replies in flight get `LLM_SHUTDOWN_GRACE_S` to finish, the rest are cancelled a
 sockets closed with 1001, and then both servers stop and the process exits 0. A second signal
 stops at once. A `ServiceRunner` takes pre-bound sockets too, so tests run the real server on
 ephemeral ports.
+
+Start-up is in that order: both ports are bound (a taken port fails at once, naming
+`LLM_PORT` or `LLM_MONITORING_PORT`), the app's lifespan builds the service (loading a model
+can take seconds; a failure is the `StartupError` it raised, not a traceback), both servers
+start, and only then is `service_ready` logged.
 """
 
 from __future__ import annotations
@@ -19,24 +24,26 @@ import socket
 from collections.abc import Callable, Generator
 from typing import Any
 
+import structlog
 import uvicorn
 from fastapi import FastAPI
 
 from llm_service.app import BackendFactory, create_app, create_monitoring_app
 from llm_service.backends import open_backend
 from llm_service.config import Settings
+from llm_service.errors import StartupFailed
 from llm_service.guards import guarded_protocols
+from llm_service.hub import Hub
 from llm_service.redact import protect_server_logs
+from llm_service.service import Service
+
+log = structlog.get_logger("llm_service.server")
 
 # How far past LLM_MAX_MESSAGE_BYTES a frame may go and still be read (to be answered with a
 # `message_too_large` error on a socket that stays open). A frame larger than that is refused
 # from its header, before its payload is buffered: the socket closes with 1009. The bound
 # holds after permessage-deflate decompression too.
 FRAME_MARGIN_BYTES = 4096
-
-
-class StartupFailed(RuntimeError):
-    """The main app did not start (its lifespan failed or its port was taken)."""
 
 
 class _Server(uvicorn.Server):
@@ -82,7 +89,7 @@ class ServiceRunner:
                 ws=ws,
                 ws_per_message_deflate=settings.llm_ws_compression,
                 ws_max_size=settings.llm_max_message_bytes + FRAME_MARGIN_BYTES,
-                lifespan="on",
+                lifespan="off",  # entered by serve(), so that a failure is a plain exception
                 **common,
             )
         )
@@ -126,33 +133,73 @@ class ServiceRunner:
         """Stop accepting, drain the connections, then stop both servers."""
         for server in getattr(self._main, "servers", []):
             server.close()
-        service = getattr(self.app.state, "service", None)
-        if service is not None:
-            await service.drain(self.settings.llm_shutdown_grace_s)
+        hub: Hub | None = getattr(self.app.state, "hub", None)
+        if hub is not None:
+            await hub.drain(self.settings.llm_send_timeout_s + 1)
         self.request_stop()
 
     async def serve(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
-        """Serve until `request_stop()`; raise `StartupFailed` if the main app never started."""
+        """Bind both ports (unless given sockets), build the service, then serve until
+        `request_stop()`. A port that cannot be bound, or a service that cannot be built,
+        raises its `StartupError` before anything is served."""
+        settings = self.settings
+        bound = sockets or (
+            _bind(settings.llm_host, settings.llm_port, "LLM_PORT"),
+            _bind(settings.llm_host, settings.llm_monitoring_port, "LLM_MONITORING_PORT"),
+        )
+        try:
+            # The app's lifespan builds the service (and closes it after both servers stop).
+            async with self.app.router.lifespan_context(self.app):
+                await self._serve_both(*bound)
+        finally:
+            if sockets is None:
+                for sock in bound:
+                    sock.close()
 
+    async def _serve_both(self, main: socket.socket, monitoring: socket.socket) -> None:
         async def serve_main() -> None:
             try:
-                await self._main.serve(sockets=[sockets[0]] if sockets else None)
+                await self._main.serve(sockets=[main])
             finally:
                 self._monitoring.should_exit = True
 
         async def when_started() -> None:
             await self.wait_started()
+            service: Service = self.app.state.service
+            log.info(
+                "service_ready",
+                backend=service.backend.name,
+                model=service.backend.model,
+                reason=service.choice.reason,
+                device=service.choice.describe_device(),
+                port=main.getsockname()[1],
+                monitoring_port=monitoring.getsockname()[1],
+            )
             if self.on_started is not None:
                 self.on_started()
 
         async with asyncio.TaskGroup() as group:
             started = group.create_task(when_started())
-            await asyncio.gather(
-                serve_main(), self._monitoring.serve(sockets=[sockets[1]] if sockets else None)
-            )
+            await asyncio.gather(serve_main(), self._monitoring.serve(sockets=[monitoring]))
             started.cancel()
         if not self._main.started:
             raise StartupFailed("the service failed to start; see the log above")
+
+
+def _bind(host: str, port: int, variable: str) -> socket.socket:
+    """A socket bound to `host:port`, or a `StartupFailed` that names the variable."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupFailed(
+            f"{variable}: cannot listen on {host}:{port}: {exc.strerror or exc} "
+            f"(another process holds the port? set {variable} to a free one)"
+        ) from exc
+    return sock
 
 
 async def serve(settings: Settings) -> None:

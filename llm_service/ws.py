@@ -1,71 +1,52 @@
 """`/ws/llm`: WebSocket frames in, conversation calls out, and the one place errors become frames.
 
-Each connection runs its receive loop and at most one generation task inside one task group.
-The loop keeps reading while a reply streams, so `cancel`, `end_session` and a disconnect are
-seen at once; each of them cancels the generation task, which closes the upstream stream
-through `aclosing` before the loop answers. Whatever goes wrong inside a frame's handling is
-answered with an error frame on the same socket; nothing a client sends ends the connection
-except `end_session`.
+A connection is checked before its handshake completes (origin, then key: a stranger gets an
+HTTP answer and a closed socket), then admitted by the hub (`hub.py`). Each connection runs
+its receive loop and at most one generation task inside one task group. The loop keeps
+reading while a reply streams, so `cancel`, `end_session` and a disconnect are seen at once;
+each of them cancels the generation task, which closes the upstream stream through `aclosing`
+before the loop answers. Whatever goes wrong inside a frame's handling is answered with an
+error frame on the same socket; nothing a client sends ends the connection except
+`end_session`.
 
-Two things end a connection from outside: a client that stops reading while a reply streams
-(its sends block past `LLM_SEND_TIMEOUT_S`: the reply is cancelled and the socket closed with
-1008), and the service shutting down (`drain`: replies in flight may finish, then the socket
-closes with 1001 after a `service_shutting_down` frame).
+Three things end a connection from outside: idleness (no frame and no reply for
+`LLM_SESSION_IDLE_TIMEOUT_S`), a client that stops reading while a reply streams (a send
+blocked past `LLM_SEND_TIMEOUT_S`: the reply is cancelled and the socket closed with 1008),
+and the service shutting down (`Hub.drain`). Both clocks are `timing.Deadline`s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import structlog
 from fastapi import APIRouter, WebSocket
-from fastapi.responses import JSONResponse
-from starlette.types import Message
-from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
-from llm_service.conversation import Conversation, SessionConfig, Turn, new_session_id
+from llm_service import protocol
+from llm_service.conversation import Conversation, new_session_id
 from llm_service.errors import (
-    ClientError,
-    GenerationInProgress,
     InternalError,
     InvalidMessage,
-    MaxConnections,
-    MaxConnectionsPerClient,
-    MessageTooLong,
-    RateLimited,
     ServiceError,
     ServiceShuttingDown,
     SessionIdleTimeout,
 )
-from llm_service.protocol import (
-    Cancel,
-    ClientFrame,
-    EndSession,
-    GetHistory,
-    StartSession,
-    UserMessage,
-    dumps,
-    parse_client_frame,
-    token_frame,
-)
-from llm_service.security import TurnRateLimiter, chosen_subprotocol
-
-if TYPE_CHECKING:
-    from llm_service.app import Service
+from llm_service.generation import GONE as _GONE
+from llm_service.generation import Generation
+from llm_service.hub import Hub
+from llm_service.metrics import Telemetry
+from llm_service.protocol import Cancel, EndSession, GetHistory, StartSession, UserMessage
+from llm_service.security import chosen_subprotocol
+from llm_service.service import Service
+from llm_service.timing import Deadline
 
 log = structlog.get_logger("llm_service.ws")
 router = APIRouter()
 
 CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
-CLOSE_TRY_AGAIN_LATER = 1013
-_GONE = (WebSocketDisconnect, WebSocketDisconnected)
-_UNWIND_LIMIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -76,10 +57,15 @@ class Ending:
     reason: str
     error: ServiceError | None = None
 
+    @classmethod
+    def of(cls, error: ServiceError) -> Ending:
+        return cls(error.close_code or CLOSE_NORMAL, error.code, error)
+
 
 @router.websocket("/ws/llm")
 async def llm_socket(websocket: WebSocket) -> None:
     service: Service = websocket.app.state.service
+    hub: Hub = websocket.app.state.hub
     telemetry = service.telemetry
     client = websocket.client.host if websocket.client else "unknown"
     origin = websocket.headers.get("origin")
@@ -89,8 +75,6 @@ async def llm_socket(websocket: WebSocket) -> None:
         await websocket.close(CLOSE_POLICY)  # before the handshake: uvicorn answers 403
         return
     subprotocols: list[str] = websocket.scope.get("subprotocols", [])
-    # The key is checked before the handshake completes: a stranger gets an HTTP answer and
-    # a closed socket, and nothing it sends afterwards is ever parsed.
     refused = service.access.authenticate(
         client, "ws", websocket.headers, websocket.query_params, subprotocols
     )
@@ -98,126 +82,66 @@ async def llm_socket(websocket: WebSocket) -> None:
         telemetry.auth_failed("ws")
         telemetry.connection_rejected(refused.code)
         telemetry.error(refused.code)
-        await websocket.send_denial_response(http_refusal(refused))
+        await websocket.send_denial_response(protocol.http_refusal(refused))
         return
     await websocket.accept(subprotocol=chosen_subprotocol(subprotocols))
-    refusal = service.refusal(client)
+    refusal = hub.admit(client)
     if refusal is not None:
-        await _refuse(websocket, service, *refusal)
+        await _refuse(websocket, telemetry, refusal)
         return
+    connection = Connection(websocket, service)
     telemetry.connection_opened()
-    service.clients[client] += 1
-    session_id = new_session_id()
     try:
-        with structlog.contextvars.bound_contextvars(session_id=session_id):
-            await Connection(websocket, service, session_id).run()
+        with (
+            hub.attached(connection, client),
+            structlog.contextvars.bound_contextvars(session_id=connection.conversation.session_id),
+        ):
+            await connection.run()
     finally:
         telemetry.connection_closed()
-        service.clients[client] -= 1
-        if not service.clients[client]:
-            del service.clients[client]
 
 
-def http_refusal(error: ClientError) -> JSONResponse:
-    """The HTTP answer to a request refused before it is served (no key, throttled)."""
-    status = 429 if isinstance(error, RateLimited) else 401
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
-    if error.retry_after_ms is not None:
-        headers["Retry-After"] = str(max(1, round(error.retry_after_ms / 1000)))
-    return JSONResponse({"error": error.to_wire()}, status_code=status, headers=headers)
-
-
-async def _refuse(websocket: WebSocket, service: Service, error: ServiceError, code: int) -> None:
-    """Answer a connection that will get no session: one error frame, then the close."""
-    service.telemetry.connection_rejected(error.code)
-    service.telemetry.error(error.code)
+async def _refuse(websocket: WebSocket, telemetry: Telemetry, error: ServiceError) -> None:
+    """Answer a connection that will get no session: one error frame, then its close."""
+    telemetry.connection_rejected(error.code)
+    telemetry.error(error.code)
     try:
-        await websocket.send_text(dumps({"type": "error", "error": error.to_wire()}))
-        await websocket.close(code, error.code)
+        await websocket.send_text(protocol.error(error))
+        await websocket.close(error.close_code or CLOSE_POLICY, error.code)
     except _GONE:
         pass
 
 
-class Connections:
-    """The live connections, with a way to wait until there are none."""
-
-    def __init__(self) -> None:
-        self._live: set[Connection] = set()
-        self._empty = asyncio.Event()
-        self._empty.set()
-
-    def add(self, connection: Connection) -> None:
-        self._live.add(connection)
-        self._empty.clear()
-
-    def discard(self, connection: Connection) -> None:
-        self._live.discard(connection)
-        if not self._live:
-            self._empty.set()
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def snapshot(self) -> list[Connection]:
-        return list(self._live)
-
-    async def wait_empty(self, limit: float) -> bool:
-        """Wait up to `limit` seconds for the last connection to go; True if none is left."""
-        try:
-            await asyncio.wait_for(self._empty.wait(), limit)
-        except TimeoutError:
-            return False
-        return True
-
-
-def max_connections_error(limit: int) -> MaxConnections:
-    return MaxConnections(f"the service is at its limit of {limit} connections; retry later")
-
-
-def max_per_client_error(limit: int) -> MaxConnectionsPerClient:
-    return MaxConnectionsPerClient(
-        f"this client address already has {limit} connections open (the limit); close one"
-    )
-
-
 class Connection:
-    """One client socket: its session, its receive loop and its generation task."""
+    """One client socket: its session, its receive loop, and how it ends."""
 
-    def __init__(self, websocket: WebSocket, service: Service, session_id: str) -> None:
+    def __init__(self, websocket: WebSocket, service: Service) -> None:
         self.ws = websocket
-        self.service = service
-        self.telemetry = service.telemetry
         self.settings = service.settings
+        self.telemetry = service.telemetry
+        self.default_config = service.default_config
         self.conversation = Conversation(
-            session_id=session_id,
-            config=SessionConfig.from_settings(service.settings),
+            session_id=new_session_id(),
+            config=service.default_config,
             backend=service.backend,
             context_window=service.context_window,
             telemetry=service.telemetry,
-            max_history_turns=service.settings.llm_max_history_turns,
+            limits=service.turn_limits,
         )
-        self.generation: asyncio.Task[None] | None = None
-        self.turn: Turn | None = None
-        self._unwinding = False  # the generation task is closing its stream
         self.ending: Ending | None = None
-        self.draining = False
+        self._draining: ServiceShuttingDown | None = None
         self._receiver: asyncio.Task[str] | None = None
-        self._send_started = 0.0  # loop time a token send began; 0 when none is pending
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._rate = TurnRateLimiter(service.settings.llm_rate_limit_turns_per_minute)
-        self._active_at = 0.0  # loop time of the last client frame or end of a reply
+        self._idle = Deadline(asyncio.get_running_loop(), self._idled)
+        self.reply = Generation(websocket, service, self._reply_ended, self._not_reading)
 
     async def run(self) -> None:
         self.telemetry.session_started()
-        self.service.connections.add(self)
         started = time.monotonic()
         log.info("session_started", client=_client(self.ws))
         reason = "disconnect"
         try:
-            await self.send({"type": "session_started", "session_id": self.conversation.session_id})
-            if self.draining:
-                self.end(self.service.shutdown_ending())
-            else:
+            await self.ws.send_text(protocol.session_started(self.conversation.session_id))
+            if self.ending is None:  # (a drain may have begun meanwhile)
                 async with asyncio.TaskGroup() as group:
                     self._receiver = group.create_task(self.receive_loop(group))
                 reason = self._receiver.result() if not self._receiver.cancelled() else "ended"
@@ -227,7 +151,8 @@ class Connection:
         except _GONE:
             pass
         finally:
-            self.service.connections.discard(self)
+            self.reply.close()
+            self._idle.close()
             self.telemetry.session_ended()
             log.info(
                 "session_closed",
@@ -237,238 +162,103 @@ class Connection:
             )
 
     async def receive_loop(self, group: asyncio.TaskGroup) -> str:
-        max_bytes = self.settings.llm_max_message_bytes
+        idle_s = self.settings.llm_session_idle_timeout_s
         try:
             while True:
-                message = await self._next_message()
-                if message is None:
-                    self.end(
-                        Ending(
-                            CLOSE_NORMAL,
-                            "idle timeout",
-                            SessionIdleTimeout(
-                                f"no activity for {self.settings.llm_session_idle_timeout_s:g} s; "
-                                "the session is closed (LLM_SESSION_IDLE_TIMEOUT_S)"
-                            ),
-                        )
-                    )
-                    return "idle"
+                if idle_s and not self.reply.busy:
+                    self._idle.start(idle_s)  # a reply streaming is not idleness
+                message = await self.ws.receive()
+                self._idle.stop()
                 if message["type"] == "websocket.disconnect":
                     return "disconnect"
-                text = message.get("text")
                 try:
+                    text = message.get("text")
                     if text is None:
                         raise InvalidMessage("binary frames are not accepted; send JSON text")
-                    frame = parse_client_frame(text, max_bytes)
+                    frame = protocol.parse_client_frame(text, self.settings.llm_max_message_bytes)
                     if await self.handle(frame, group):
                         return "end_session"
                 except ServiceError as exc:
-                    await self.send_error(exc)
+                    await self.reply.send_error(exc)
                 except _GONE:
                     return "disconnect"
                 except Exception as exc:  # the boundary: a bug must not end the connection
                     log.exception("frame_handling_failed")
-                    await self.send_error(InternalError(f"internal error: {type(exc).__name__}"))
+                    await self.reply.send_error(
+                        InternalError(f"internal error: {type(exc).__name__}")
+                    )
         finally:
-            await self.stop_generation()
+            await self.reply.stop()
 
-    async def _next_message(self) -> Message | None:
-        """The next client message, or None once the session has been idle too long. A reply
-        streaming counts as activity, so a long answer never makes a session idle."""
-        idle = self.settings.llm_session_idle_timeout_s
-        loop = asyncio.get_running_loop()
-        self._active_at = loop.time()
-        if not idle:
-            return await self.ws.receive()
-        while True:
-            try:
-                async with asyncio.timeout_at(self._active_at + idle):
-                    return await self.ws.receive()
-            except TimeoutError:
-                if not self.busy and loop.time() >= self._active_at + idle:
-                    return None
-                if self.busy:
-                    self._active_at = loop.time()
-
-    async def handle(self, frame: ClientFrame, group: asyncio.TaskGroup) -> bool:
+    async def handle(self, frame: protocol.ClientFrame, group: asyncio.TaskGroup) -> bool:
         """Answer one frame; True when the session is over."""
-        conv = self.conversation
-        if isinstance(frame, UserMessage):
-            if self.busy:
-                raise GenerationInProgress("a reply is still streaming; send cancel first")
-            limit = self.settings.llm_max_user_message_chars
-            if limit and len(frame.text) > limit:
-                raise MessageTooLong(
-                    f"the message has {len(frame.text)} characters; the limit is {limit}"
-                )
-            wait = self._rate.admit()
-            if wait:
-                per_minute = self.settings.llm_rate_limit_turns_per_minute
-                raise RateLimited(
-                    f"at most {per_minute} turns a minute on one connection; retry later",
-                    retry_after_ms=max(1, round(wait * 1000)),
-                )
-            self.turn = conv.start_turn(frame.text)
-            self._unwinding = False
-            self.generation = group.create_task(self.generate(self.turn))
-        elif isinstance(frame, Cancel):
-            await self.cancel()
-        elif isinstance(frame, StartSession):
-            if self.busy:
-                raise GenerationInProgress("a reply is still streaming; send cancel first")
-            base = SessionConfig.from_settings(self.settings)
-            conv.reset(base.updated(frame.config, conv.context_window))
-            await self.send(
-                {
-                    "type": "session_configured",
-                    "session_id": conv.session_id,
-                    "config": conv.config.to_wire(),
-                }
-            )
-        elif isinstance(frame, GetHistory):
-            await self.send(
-                {"type": "history", "session_id": conv.session_id, "messages": conv.history()}
-            )
-        elif isinstance(frame, EndSession):
-            await self.stop_generation()
-            await self.send(
-                {"type": "session_ended", "session_id": conv.session_id, "stats": conv.summary()}
-            )
-            await self.ws.close(CLOSE_NORMAL)
-            return True
+        conv, send = self.conversation, self.ws.send_text
+        match frame:
+            case UserMessage(text=text):
+                self.reply.refuse_if_busy()
+                self.reply.start(group, conv.start_turn(text))
+            case Cancel():
+                await self.reply.cancel()
+            case StartSession():
+                self.reply.refuse_if_busy()
+                prompt, sampling = frame.changes()
+                config = self.default_config.updated(prompt, sampling, conv.context_window)
+                conv.reset(config)
+                await send(protocol.session_configured(conv.session_id, config, frame.ignored))
+            case GetHistory():
+                await send(protocol.history(conv.session_id, conv.messages()))
+            case EndSession():
+                await self.reply.stop()
+                await send(protocol.session_ended(conv.session_id, conv.summary()))
+                await self.ws.close(CLOSE_NORMAL)
+                return True
         return False
 
-    @property
-    def busy(self) -> bool:
-        return self.generation is not None and not self.generation.done()
-
-    async def generate(self, turn: Turn) -> None:
-        """Stream one reply to the client; errors end the turn, never the connection."""
-        send = self.ws.send_text
-        loop = asyncio.get_running_loop()
-        clock = loop.time
-        self._watchdog = loop.call_later(self.settings.llm_send_timeout_s, self._check_sends)
-        try:
-            async with aclosing(turn.stream()) as stream:
-                try:
-                    async for item in stream:
-                        if isinstance(item, str):
-                            self._send_started = clock()
-                            await send(token_frame(item))
-                            self._send_started = 0.0
-                        else:
-                            await self.send({"type": "response_complete", "stats": item.to_wire()})
-                            log.info(
-                                "turn_completed",
-                                tokens=item.tokens_generated,
-                                ms=round(item.processing_time_ms, 1),
-                            )
-                except BaseException:
-                    self._unwinding = True  # the stream is closing: let that finish
-                    raise
-        except ServiceError as exc:
-            log.warning(
-                "turn_failed",
-                code=exc.code,
-                error=exc.message,
-                cause=None if exc.__cause__ is None else repr(exc.__cause__),
-                sent_tokens=len(turn.parts),
-            )
-            await self.send_error(exc)
-        except _GONE:
-            return
-        except Exception as exc:  # the boundary: a bug ends the turn with a frame, not the socket
-            log.exception("turn_crashed")
-            await self.send_error(InternalError(f"internal error: {type(exc).__name__}"))
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-            self._send_started = 0.0
-            self._active_at = loop.time()
-        if self.draining:
-            self.end(self.service.shutdown_ending())
-
-    def _check_sends(self) -> None:
-        """Timer callback: end the connection if a send has been blocked for too long."""
-        limit = self.settings.llm_send_timeout_s
-        loop = asyncio.get_running_loop()
-        blocked_since = self._send_started
-        if blocked_since and loop.time() - blocked_since >= limit:
-            log.warning("client_not_reading", blocked_s=round(loop.time() - blocked_since, 1))
-            self.telemetry.connection_rejected("send_timeout")
-            self.end(Ending(CLOSE_POLICY, f"client not reading for {limit:g} s"))
-        else:
-            self._watchdog = loop.call_at((blocked_since or loop.time()) + limit, self._check_sends)
-
-    async def cancel(self) -> None:
-        turn, task = self.turn, self.generation
-        if task is None or task.done() or turn is None:
-            await self.send({"type": "cancelled", "success": False})
-            return
-        started = time.perf_counter()
-        sent_when_read = len(turn.parts)
-        await self.stop_generation()
-        self.telemetry.cancel_latency.observe(time.perf_counter() - started)
-        log.info("turn_cancelled", sent_tokens=len(turn.parts))
-        stats = turn.stats().to_wire()
-        # The promise: at most one more token frame once the cancel is read. Frames already
-        # on the wire when it was read are not counted: the client sees them after its cancel.
-        stats["token_frames_after_cancel"] = len(turn.parts) - sent_when_read
-        await self.send({"type": "cancelled", "success": True, "stats": stats})
-
-    async def stop_generation(self) -> None:
-        """Cancel the generation task, if any, and wait until its upstream stream is closed.
-
-        A generation that is already unwinding (its send failed because the client went, or
-        the engine failed) is closing its stream: it is waited for, not cancelled, so the
-        close is never cut short. Only one stuck past `_UNWIND_LIMIT_S` is cancelled.
-        """
-        task = self.generation
-        if task is None or task.done():
-            return
-        if self._unwinding:
-            await asyncio.wait({task}, timeout=_UNWIND_LIMIT_S)
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-
-    def begin_drain(self) -> None:
+    def begin_drain(self, error: ServiceShuttingDown) -> None:
         """The service is shutting down: end now if idle, else once the reply in flight ends."""
-        self.draining = True
-        if not self.busy:
-            self.end(self.service.shutdown_ending())
+        self._draining = error
+        if not self.reply.busy:
+            self.end(error)
 
-    def end(self, ending: Ending) -> None:
-        """End the connection from outside its receive loop (idempotent)."""
+    def end(self, error: ServiceError) -> None:
+        """End the connection from outside its receive loop, with `error`'s frame and close."""
+        self._end(Ending.of(error))
+
+    def _end(self, ending: Ending) -> None:
         if self.ending is None:
             self.ending = ending
         if self._receiver is not None:
             self._receiver.cancel()
 
+    def _reply_ended(self) -> None:
+        idle_s = self.settings.llm_session_idle_timeout_s
+        if idle_s:
+            self._idle.start(idle_s)  # the receive loop is waiting: idleness starts now
+        if self._draining is not None:
+            self.end(self._draining)
+
+    def _idled(self) -> None:
+        idle_s = self.settings.llm_session_idle_timeout_s
+        message = (
+            f"no activity for {idle_s:g} s; the session is closed (LLM_SESSION_IDLE_TIMEOUT_S)"
+        )
+        self.end(SessionIdleTimeout(message))
+
+    def _not_reading(self) -> None:
+        limit = self.settings.llm_send_timeout_s
+        log.warning("client_not_reading", blocked_s=limit)
+        self.telemetry.connection_rejected("send_timeout")
+        self._end(Ending(CLOSE_POLICY, f"client not reading for {limit:g} s"))
+
     async def _close(self, ending: Ending) -> None:
         # A client that stopped reading blocks every send, the close frame too: bound them.
-        limit = self.settings.llm_send_timeout_s
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(self.settings.llm_send_timeout_s):
                 if ending.error is not None:
-                    await self.send_error(ending.error)
+                    await self.reply.send_error(ending.error)
                 await self.ws.close(ending.code, ending.reason[:120])
         except TimeoutError:
             log.warning("close_not_delivered", code=ending.code)
-
-    async def send(self, frame: dict[str, Any]) -> None:
-        await self.ws.send_text(dumps(frame))
-
-    async def send_error(self, exc: ServiceError) -> None:
-        self.telemetry.error(exc.code)
-        await self.send({"type": "error", "error": exc.to_wire()})
-
-
-def shutting_down_error(grace_s: float) -> ServiceShuttingDown:
-    return ServiceShuttingDown(
-        f"the service is shutting down; reconnect to continue (replies in flight had "
-        f"{grace_s:g} s to finish)"
-    )
 
 
 def _client(ws: WebSocket) -> str:

@@ -19,17 +19,26 @@ from llm_service.conversation import (
 )
 from llm_service.errors import ContextOverflow, InvalidConfig, UpstreamError
 from llm_service.metrics import Telemetry
-from llm_service.protocol import ConfigUpdate
+from llm_service.protocol import messages
 from tests.conftest import make_settings
 from tests.fakes.backend import FakeBackend, Scripted
+
+
+def defaults() -> SessionConfig:
+    settings = make_settings()
+    return SessionConfig(settings.default_system_prompt, settings.default_sampling())
 
 
 def conversation(
     backend: FakeBackend, window: int = 8192, max_tokens: int = 256, system: str = ""
 ) -> Conversation:
-    config = SessionConfig.from_settings(make_settings())
-    config = config.updated(ConfigUpdate(max_tokens=max_tokens, system_prompt=system), window)
+    config = defaults().updated(system, {"max_tokens": max_tokens}, window)
     return Conversation("s1", config, backend, window, Telemetry())
+
+
+def history(conv: Conversation) -> list[dict[str, object]]:
+    """The history as `get_history` shows it."""
+    return messages(conv.messages())
 
 
 async def run(turn: Turn) -> tuple[list[str], TurnStats]:
@@ -50,16 +59,16 @@ async def test_history_alternates_and_reply_is_stored_as_sent() -> None:
     texts, stats = await run(conv.start_turn("Hi"))
     assert texts == ["Hel", "lo"] and stats.token_frames == 2
     await run(conv.start_turn("Go"))
-    assert conv.history() == [
+    assert history(conv) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello", "status": "complete"},
         {"role": "user", "content": "Go"},
         {"role": "assistant", "content": "Bye", "status": "complete"},
     ]
-    sent, params = backend.calls[1]
-    assert [m.role for m in sent] == ["system", "user", "assistant", "user"]
-    assert params.max_tokens == 256
+    request = backend.calls[1]
+    assert [m.role for m in request.messages] == ["system", "user", "assistant", "user"]
+    assert request.sampling.max_tokens == 256
 
 
 async def test_engine_counts_replace_estimates() -> None:
@@ -101,23 +110,22 @@ async def test_oldest_whole_turns_are_dropped_to_fit() -> None:
     backend.script.append(Scripted(["done"]))
     _, stats = await run(turn)
     assert stats.history_trimmed_turns == 1
-    assert conv.history()[1]["content"][0] == "2"
+    assert history(conv)[1]["content"][0] == "2"
 
 
 async def test_a_message_that_cannot_fit_is_refused_and_changes_nothing() -> None:
     backend = FakeBackend(tokens_per_char=1.0)
     conv = conversation(backend, window=600, max_tokens=100, system="sys")
     await run(conv.start_turn("hello"))
-    before = conv.history()
+    before = history(conv)
     with pytest.raises(ContextOverflow):
         conv.start_turn("x" * 490)
-    assert conv.history() == before
+    assert history(conv) == before
 
 
 async def test_max_tokens_must_leave_room_for_a_prompt() -> None:
-    config = SessionConfig.from_settings(make_settings())
     with pytest.raises(InvalidConfig):
-        config.updated(ConfigUpdate(max_tokens=4096), 4096)
+        defaults().updated(None, {"max_tokens": 4096}, 4096)
 
 
 async def test_interrupted_turn_keeps_sent_text_marked() -> None:
@@ -141,7 +149,7 @@ async def test_interrupted_turn_keeps_sent_text_marked() -> None:
     task.cancel()
     await asyncio.wait({task})
     assert backend.closed_streams == 1
-    assert conv.history() == [
+    assert history(conv) == [
         {"role": "user", "content": "count"},
         {"role": "assistant", "content": "one ", "status": "interrupted"},
     ]
@@ -156,7 +164,7 @@ async def test_failure_after_text_keeps_both_and_before_text_keeps_neither() -> 
         await run(conv.start_turn("first"))
     with pytest.raises(UpstreamError):
         await run(conv.start_turn("second"))
-    assert conv.history() == [
+    assert history(conv) == [
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "part", "status": "incomplete"},
     ]
@@ -172,9 +180,5 @@ def test_estimate_is_generous_for_non_ascii() -> None:
 def test_reset_starts_afresh_with_new_system_prompt() -> None:
     conv = conversation(FakeBackend(), system="old")
     conv.entries.append(conv.start_turn("x").user)
-    conv.reset(
-        SessionConfig.from_settings(make_settings()).updated(
-            ConfigUpdate(system_prompt="new"), 8192
-        )
-    )
-    assert conv.history() == [{"role": "system", "content": "new"}]
+    conv.reset(defaults().updated("new", {}, 8192))
+    assert history(conv) == [{"role": "system", "content": "new"}]

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from llm_service.config import ConfigError, load_settings
-from llm_service.errors import InvalidConfig, InvalidJSON, InvalidMessage, MessageTooLarge
+from llm_service.config import load_settings
+from llm_service.errors import (
+    ConfigError,
+    InvalidConfig,
+    InvalidJSON,
+    InvalidMessage,
+    MessageTooLarge,
+)
 from llm_service.protocol import (
     Cancel,
     EndSession,

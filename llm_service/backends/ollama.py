@@ -11,7 +11,7 @@ which is what makes Ollama stop generating.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +20,8 @@ import httpx
 import orjson
 
 from llm_service.backends.base import (
-    ChatMessage,
+    ChatRequest,
     EngineStatus,
-    GenerationParams,
     StreamEnd,
     StreamItem,
     finish_closing,
@@ -52,6 +51,8 @@ class PullProgress:
 
 
 _PROBE_TIMEOUT_S = 1.0
+# SamplingParams' names that Ollama spells otherwise; every other field goes by its own name.
+_OLLAMA_OPTION = {"max_tokens": "num_predict"}
 
 
 class OllamaBackend:
@@ -105,45 +106,33 @@ class OllamaBackend:
     def count_tokens(self, text: str) -> int | None:
         return None
 
-    def request_body(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> dict[str, Any]:
+    def request_body(self, request: ChatRequest) -> dict[str, Any]:
         """The `/api/chat` request for one reply."""
-        options: dict[str, Any] = {
-            "temperature": params.temperature,
-            "num_predict": params.max_tokens,
-            "num_ctx": params.context_window,
-            "top_p": params.top_p,
-            "top_k": params.top_k,
-            "repeat_penalty": params.repeat_penalty,
-        }
-        for key in ("min_p", "presence_penalty", "frequency_penalty", "seed"):
-            value = getattr(params, key)
-            if value is not None:
-                options[key] = value
-        if params.stop:
-            options["stop"] = list(params.stop)
+        options: dict[str, Any] = {"num_ctx": request.context_window}
+        for name, value in request.sampling:  # under Ollama's names; unset ones left to Ollama
+            if value is not None and value != ():
+                options[_OLLAMA_OPTION.get(name, name)] = (
+                    list(value) if isinstance(value, tuple) else value
+                )
         options.update(self._extra_options)
         return {
             "model": self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
             "stream": True,
             "keep_alive": self._keep_alive,
             "options": options,
         }
 
-    async def stream_chat(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncGenerator[StreamItem, None]:
-        body = orjson.dumps(self.request_body(messages, params))
+    async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
+        body = orjson.dumps(self.request_body(request))
         headers = {"Content-Type": "application/json"}
         try:
             async with asyncio.timeout(self._first_chunk_timeout):
-                request = self._client.build_request(
+                chat = self._client.build_request(
                     "POST", "/api/chat", content=body, headers=headers
                 )
                 with _httpx_errors(self.where):
-                    response = await self._client.send(request, stream=True)
+                    response = await self._client.send(chat, stream=True)
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"no answer from Ollama within {self._first_chunk_timeout:g} s"
@@ -323,13 +312,11 @@ def _stream_end(data: dict[str, Any]) -> StreamEnd:
     eval_count = data.get("eval_count")
     eval_ns = data.get("eval_duration")
     speed = eval_count / eval_ns * 1e9 if eval_count and eval_ns else None
-    load_ns = data.get("load_duration")
     return StreamEnd(
         completion_tokens=eval_count,
         prompt_tokens=data.get("prompt_eval_count"),
         done_reason=data.get("done_reason"),
         engine_tokens_per_second=speed,
-        load_ms=load_ns / 1e6 if load_ns else None,
     )
 
 

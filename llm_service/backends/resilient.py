@@ -11,7 +11,7 @@ been produced nothing is retried, so no client ever sees a token twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -24,9 +24,8 @@ from tenacity import (
 )
 
 from llm_service.backends.base import (
-    ChatMessage,
+    ChatRequest,
     EngineStatus,
-    GenerationParams,
     LLMBackend,
     StreamItem,
     finish_closing,
@@ -71,10 +70,8 @@ class ResilientBackend:
     async def aclose(self) -> None:
         await self.inner.aclose()
 
-    async def stream_chat(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncGenerator[StreamItem, None]:
-        first, stream = await self._open(messages, params)
+    async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
+        first, stream = await self._open(request)
         async with aclosing(stream):
             try:
                 yield first
@@ -89,7 +86,7 @@ class ResilientBackend:
         self._telemetry.upstream_request("success")
 
     async def _open(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
+        self, request: ChatRequest
     ) -> tuple[StreamItem, AsyncGenerator[StreamItem, None]]:
         """Start a stream and wait for its first item, retrying transient failures."""
         policy = self._retry
@@ -104,10 +101,10 @@ class ResilientBackend:
             if last is not None:
                 if self.breaker.state == "open":
                     raise last  # the breaker opened on this turn's own failures: report them
-                self._telemetry.upstream_retries.inc()
+                self._telemetry.upstream_retried()
             with attempt:
                 self.breaker.before_call()
-                stream = self.inner.stream_chat(messages, params)
+                stream = self.inner.stream_chat(request)
                 try:
                     first = await anext(stream)
                 except EngineError as exc:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from llm_service.backends.base import (
-    ChatMessage,
+    ChatRequest,
     EngineStatus,
-    GenerationParams,
     StreamEnd,
     StreamItem,
 )
@@ -35,7 +34,7 @@ class FakeBackend:
     def __init__(self, *, model: str = "fake-model", tokens_per_char: float | None = None):
         self.model = model
         self.script: deque[Scripted] = deque()
-        self.calls: list[tuple[list[ChatMessage], GenerationParams]] = []
+        self.calls: list[ChatRequest] = []
         self.closed_streams = 0
         self._tokens_per_char = tokens_per_char
 
@@ -44,10 +43,8 @@ class FakeBackend:
             return None
         return round(len(text) * self._tokens_per_char)
 
-    async def stream_chat(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncGenerator[StreamItem, None]:
-        self.calls.append((list(messages), params))
+    async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
+        self.calls.append(request)
         reply = self.script.popleft() if self.script else Scripted(["ok"])
         try:
             for index, chunk in enumerate(reply.chunks):
