@@ -132,7 +132,7 @@ def main() -> None:
     same = all(r.text == s.text for r, s in zip(raw, relayed, strict=True))
 
     def med(runs: list[Run], attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in runs)
+        return float(statistics.median(getattr(r, attr) for r in runs))
 
     raw_tps, svc_tps = med(raw, "tokens_per_second"), med(relayed, "tokens_per_second")
     raw_ttft, svc_ttft = med(raw, "ttft_s") * 1000, med(relayed, "ttft_s") * 1000

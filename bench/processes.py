@@ -13,7 +13,6 @@ import datetime
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,13 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.process import free_port, main_command, rss_bytes, service_env  # noqa: E402
+
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -138,17 +135,8 @@ def start_embedded_service(threads: int, logs: Path) -> Proc:
 
 def _start_service(settings: dict[str, str], logs: Path) -> Proc:
     port = free_port()
-    env = {
-        **os.environ,
-        "LLM_HOST": "127.0.0.1",
-        "LLM_PORT": str(port),
-        "LLM_MONITORING_PORT": str(free_port()),
-        "LOG_LEVEL": "WARNING",
-        "LOG_FORMAT": "json",
-        **settings,
-    }
-    args = [sys.executable, str(ROOT / "main.py"), "websocket"]
-    return _start("service", args, env, port, "/health", logs)
+    env = service_env(logs, port, free_port(), LOG_LEVEL="WARNING", **settings)
+    return _start("service", main_command("websocket"), env, port, "/health", logs)
 
 
 def start_baseline(upstream: str, logs: Path) -> Proc:
@@ -166,10 +154,7 @@ def start_baseline(upstream: str, logs: Path) -> Proc:
 
 def rss_kib(pid: int) -> int:
     """Resident memory of `pid` in KiB (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    return rss_bytes(pid) // 1024
 
 
 def cpu_seconds(pid: int) -> float:

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm_service.config import Settings
 from llm_service.server import ServiceRunner
-from tests.conftest import RunningService, running_service
+from tests.support import RunningService, running_service
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -1,4 +1,9 @@
-"""The service as a separate process (`python main.py websocket`), for signal and memory tests."""
+"""The service as a separate process, as an operator runs it: for the tests and the benchmarks.
+
+`main_command` and `service_env` are the one way to start `python main.py ...`: on free
+loopback ports, from a directory of its own (so a developer's `.env` does not apply), with
+the given settings. `service_process` runs it for a test; `bench/processes.py` for a benchmark.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,33 @@ def free_port() -> int:
         return port
 
 
+def main_command(*args: str) -> list[str]:
+    """`python main.py ARGS` with this interpreter."""
+    return [sys.executable, str(ROOT / "main.py"), *args]
+
+
+def service_env(home: Path, port: int, monitoring_port: int, **settings: str) -> dict[str, str]:
+    """The environment of a service process: nothing inherited but PATH, loopback only."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "HOME": str(home),
+        "LLM_HOST": "127.0.0.1",
+        "LLM_PORT": str(port),
+        "LLM_MONITORING_PORT": str(monitoring_port),
+        "LOG_FORMAT": "json",
+        **settings,
+    }
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 @dataclass
 class ServiceProcess:
     proc: asyncio.subprocess.Process
@@ -36,10 +68,7 @@ class ServiceProcess:
         return f"ws://127.0.0.1:{self.port}/ws/llm"
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        return rss_bytes(self.proc.pid)
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
@@ -52,22 +81,10 @@ class ServiceProcess:
 async def service_process(workdir: Path, **env: str) -> AsyncIterator[ServiceProcess]:
     """Start the service with `env` on free loopback ports; kill it if still running after."""
     port, monitoring_port = free_port(), free_port()
-    full_env = {
-        "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": str(ROOT),
-        "HOME": str(workdir),
-        "LLM_HOST": "127.0.0.1",
-        "LLM_PORT": str(port),
-        "LLM_MONITORING_PORT": str(monitoring_port),
-        "LOG_FORMAT": "json",
-        **env,
-    }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "main.py"),
-        "websocket",
+        *main_command("websocket"),
         cwd=workdir,
-        env=full_env,
+        env=service_env(workdir, port, monitoring_port, **env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

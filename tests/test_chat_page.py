@@ -23,8 +23,8 @@ from playwright.async_api import Page, expect
 
 from llm_service import web
 from tests.browser import Browser, chat_service, needs_chromium, open_page
-from tests.conftest import RunningService, make_settings
 from tests.fakes.ollama import FakeOllama, Reply, fake_tokens
+from tests.support import RunningService, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

@@ -2,32 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from pathlib import Path
 
-from tests.conftest import bound_socket
 from tests.fakes.ollama import FakeOllama
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-async def run_cli(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
-    """Run `python main.py ARGS` in an empty directory (no stray `.env`) with only `env` set."""
-    base = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "main.py"),
-        *args,
-        cwd=tmp_path,
-        env={**base, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+from tests.support import bound_socket, run_cli
 
 
 async def test_config_show_masks_secrets(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import aclosing
+from typing import Any
 
 import pytest
 
@@ -20,8 +21,8 @@ from llm_service.conversation import (
 from llm_service.errors import ContextOverflow, InvalidConfig, UpstreamError
 from llm_service.metrics import Telemetry
 from llm_service.protocol import messages
-from tests.conftest import make_settings
 from tests.fakes.backend import FakeBackend, Scripted
+from tests.support import make_settings
 
 
 def defaults() -> SessionConfig:
@@ -36,7 +37,7 @@ def conversation(
     return Conversation("s1", config, backend, window, Telemetry())
 
 
-def history(conv: Conversation) -> list[dict[str, object]]:
+def history(conv: Conversation) -> list[dict[str, Any]]:
     """The history as `get_history` shows it."""
     return messages(conv.messages())
 

@@ -15,12 +15,12 @@ import pytest
 from llm_service.device import (
     Device,
     DeviceKind,
-    DeviceUnavailableError,
     HostProbe,
     detect_device,
     llamacpp_gpu_layers,
     ollama_options,
 )
+from llm_service.errors import DeviceUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
 LINUX_X86 = ("Linux", "x86_64")

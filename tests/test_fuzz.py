@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm_service.server import FRAME_MARGIN_BYTES
-from tests.conftest import Client, RunningService, tokens_of
 from tests.fakes.ollama import FakeOllama, Reply
+from tests.support import Client, RunningService, tokens_of
 
 KNOWN = ["start_session", "user_message", "cancel", "end_session", "get_history"]
 # Answers that close the exchange for one client frame.

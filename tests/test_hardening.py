@@ -13,11 +13,18 @@ import pytest
 import websockets
 
 from llm_service.server import FRAME_MARGIN_BYTES
-from tests.conftest import Client, RunningService, bound_socket, make_settings, running_service
 from tests.fakes.ollama import FakeOllama, Reply
 from tests.process import service_process
-from tests.test_cli import run_cli
-from tests.test_http_and_limits import metric
+from tests.support import (
+    WS_HANDSHAKE,
+    Client,
+    RunningService,
+    bound_socket,
+    make_settings,
+    metric,
+    run_cli,
+    running_service,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -222,11 +229,6 @@ async def test_api_docs_are_off_unless_asked_for(fake_ollama: FakeOllama) -> Non
 async def test_a_ping_flood_from_a_peer_that_never_reads_holds_no_memory(
     tmp_path: Path, fake_ollama: FakeOllama
 ) -> None:
-    handshake = (
-        b"GET /ws/llm HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\n"
-    )
     pings = (b"\x89\xfd\x00\x00\x00\x00" + b"p" * 125) * 512  # masked pings, 125-byte payloads
     async with service_process(tmp_path, OLLAMA_BASE_URL=fake_ollama.url) as service:
         baseline = service.rss_bytes()
@@ -236,7 +238,7 @@ async def test_a_ping_flood_from_a_peer_that_never_reads_holds_no_memory(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
             sock.connect(("127.0.0.1", service.port))
             reader, writer = await asyncio.open_connection(sock=sock)
-            writer.write(handshake)
+            writer.write(WS_HANDSHAKE)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             assert head.startswith(b"HTTP/1.1 101 ")
             writers.append(writer)

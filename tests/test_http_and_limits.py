@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import re
 
-from tests.conftest import RunningService, make_settings, poll, running_service, tokens_of
 from tests.fakes.ollama import FakeOllama, Reply, fake_tokens
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    """The value of one series in Prometheus exposition text."""
-    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)$"
-    found = re.search(pattern, text, re.MULTILINE)
-    assert found, f"{name}{{{labels}}} not in /metrics"
-    return float(found.group(1))
+from tests.support import RunningService, make_settings, metric, poll, running_service, tokens_of
 
 
 async def test_max_connections_is_enforced_and_released(fake_ollama: FakeOllama) -> None:
@@ -36,7 +27,7 @@ async def test_max_connections_is_enforced_and_released(fake_ollama: FakeOllama)
         await first.close()
 
         async def one_left() -> bool:
-            return (await service.get("/health")).json()["active_connections"] == 1
+            return bool((await service.get("/health")).json()["active_connections"] == 1)
 
         await poll(one_left)
         fourth = await service.connect()

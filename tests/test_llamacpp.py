@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from llm_service.backends.llamacpp import packaged_model_path
-from tests.conftest import Client, RunningService, bound_socket, make_settings, running_service
-from tests.conftest import tokens_of as texts
 from tests.fakes.ollama import FakeOllama
+from tests.support import Client, RunningService, bound_socket, make_settings, running_service
+from tests.support import tokens_of as texts
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ async def test_token_counts_come_from_the_model_tokenizer() -> None:
             )
             await client.close()
     finally:
-        vocab.close()
+        vocab.close()  # type: ignore[no-untyped-call]
 
 
 async def test_cancel_stops_within_a_token_and_frees_the_engine() -> None:

@@ -12,9 +12,9 @@ import orjson
 import pytest
 import websockets
 
-from tests.conftest import Client, tokens_of
 from tests.fakes.ollama import FakeOllama, Reply
 from tests.process import service_process
+from tests.support import Client, tokens_of
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import Client, make_settings, running_service, tokens_of
 from tests.fakes.ollama import FakeOllama, Reply
-from tests.test_http_and_limits import metric
+from tests.support import Client, make_settings, metric, running_service, tokens_of
 
 
 async def error_code(client: Client, text: str) -> dict[str, object]:

@@ -13,19 +13,21 @@ import orjson
 import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from llm_service.security import AuthThrottle
-from tests.conftest import (
+from tests.fakes.ollama import FakeOllama, Reply
+from tests.process import service_process
+from tests.support import (
+    WS_HANDSHAKE,
     Client,
     RunningService,
     make_settings,
+    metric,
     poll,
     running_service,
     tokens_of,
 )
-from tests.fakes.ollama import FakeOllama, Reply
-from tests.process import service_process
-from tests.test_http_and_limits import metric
 
 KEY = "ft-secret-7Qw9zX"
 OTHER_KEY = "ft-second-key-3"
@@ -86,10 +88,7 @@ async def test_right_key_is_accepted_in_each_place(keyed: RunningService, place:
     else:
         ws = await websockets.connect(
             keyed.ws_url,
-            subprotocols=[  # type: ignore[list-item]
-                "fasttalk",
-                f"bearer.{KEY}",
-            ],
+            subprotocols=[Subprotocol("fasttalk"), Subprotocol(f"bearer.{KEY}")],
         )
         assert ws.subprotocol == "fasttalk"
     client = Client(ws)
@@ -250,7 +249,7 @@ async def test_key_never_reaches_logs_stats_or_config(
     for secret in (KEY, quoted, quote(quoted), "PROMPT-7Hq2", "REPLY-4Zk8"):
         assert secret not in log, secret
 
-    from tests.test_cli import run_cli
+    from tests.support import run_cli
 
     code, out = await run_cli(tmp_path, "config", "--show", LLM_API_KEY=KEY)
     assert code == 0 and KEY not in out and "LLM_API_KEY" in out
@@ -270,11 +269,7 @@ async def test_a_refused_handshake_is_answered_and_closed_whatever_follows(
     client = await keyed.connect(additional_headers={"Authorization": f"Bearer {KEY}"})
     await client.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", keyed.port)
-    writer.write(
-        b"GET /ws/llm HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\n"
-    )
+    writer.write(WS_HANDSHAKE)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 401 ")
     text_start = b"\x01\x81\x00\x00\x00\x00x"  # a masked text frame with fin unset
@@ -294,7 +289,7 @@ async def test_a_refused_handshake_is_answered_and_closed_whatever_follows(
 async def test_a_key_bearing_subprotocol_is_never_selected(keyed: RunningService) -> None:
     ws = await websockets.connect(
         keyed.ws_url,
-        subprotocols=[f"bearer.{KEY}"],  # type: ignore[list-item]
+        subprotocols=[Subprotocol(f"bearer.{KEY}")],
     )
     assert ws.subprotocol is None
     assert ws.response is not None

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningService, make_settings, poll, running_service, tokens_of
 from tests.fakes.ollama import FakeOllama, Reply, fake_token_count, fake_tokens
+from tests.support import RunningService, make_settings, poll, running_service, tokens_of
 
 
 async def test_two_turn_conversation_reaches_upstream_in_order(
@@ -96,7 +96,7 @@ async def test_cancel_mid_stream_stops_upstream_and_keeps_partial_reply(
     client = await service.connect()
     await client.start()
     await client.send({"type": "user_message", "text": "Count slowly."})
-    received = []
+    received: list[str] = []
     while len(received) < 3:
         frame = await client.recv()
         assert frame["type"] == "token"

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import (
+from tests.fakes.ollama import FakeOllama, Reply, fake_token_count
+from tests.support import (
     Client,
     RunningService,
     bound_socket,
@@ -16,7 +17,6 @@ from tests.conftest import (
     running_service,
     tokens_of,
 )
-from tests.fakes.ollama import FakeOllama, Reply, fake_token_count
 
 
 async def expect_error(client: Client, frame: Any, code: str) -> dict[str, Any]:
@@ -219,7 +219,8 @@ async def test_failure_mid_stream_keeps_partial_reply_marked_incomplete(
     service: RunningService, fake_ollama: FakeOllama, kind: str
 ) -> None:
     chunks = ["Once", " upon", " a", " time", " there"]
-    fake_ollama.script(Reply(chunks=chunks, **{kind: 3}), Reply(chunks=["Again."]))
+    failure: dict[str, Any] = {kind: 3}
+    fake_ollama.script(Reply(chunks=chunks, **failure), Reply(chunks=["Again."]))
     client = await service.connect()
     await client.start()
     frames = await client.turn("Tell a story")

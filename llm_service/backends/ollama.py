@@ -35,6 +35,7 @@ from llm_service.errors import (
     UpstreamUnavailable,
 )
 from llm_service.redact import mask_url
+from llm_service.timing import Deadline
 
 _MAX_ERROR_BODY = 64 * 1024
 _KEEPALIVE_POOL = 20
@@ -144,7 +145,7 @@ class OllamaBackend:
             lines = response.aiter_lines()
             limit = self._first_chunk_timeout
             while True:
-                deadline.waiting(limit)
+                deadline.clock.start(limit)
                 try:
                     line = await anext(lines)
                 except StopAsyncIteration as exc:
@@ -160,7 +161,7 @@ class OllamaBackend:
                     raise
                 except httpx.HTTPError as exc:
                     raise _translated(exc, self.where, mid_reply=True) from exc
-                deadline.received()
+                deadline.clock.stop()
                 limit = self._chunk_timeout
                 if not line:
                     continue
@@ -182,7 +183,7 @@ class OllamaBackend:
                 if content:
                     yield content
         finally:
-            deadline.close()
+            deadline.clock.close()
             await finish_closing(response.aclose())
 
     async def pull(self) -> AsyncGenerator[PullProgress, None]:
@@ -233,54 +234,21 @@ class OllamaBackend:
 
 
 class _ChunkDeadline:
-    """Bounds each wait for the next chunk with one timer per stream, not one per chunk.
-
-    `waiting(limit)` marks the start of a wait and `received()` its end: two assignments on
-    the hot path. The timer wakes only at the earliest moment a wait could be over its limit
-    and, if one is, cancels the waiting task; `expired()` then turns that cancellation into a
-    timeout, the way `asyncio.timeout` does. Time the consumer spends elsewhere (sending to a
-    slow client) does not count: only the waits themselves are timed.
-    """
+    """The deadline of each wait for the next chunk: a `timing.Deadline` that cancels the
+    waiting task when it expires, and turns that cancellation back into a timeout, the way
+    `asyncio.timeout` does. Time the consumer spends elsewhere (sending to a slow client)
+    does not count: only the waits themselves are timed."""
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self._cancelling = self._task.cancelling() if self._task else 0
-        self._since = 0.0
-        self._limit = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._fired = False
-
-    def waiting(self, limit: float) -> None:
-        self._since = self._loop.time()
-        self._limit = limit
-        due = self._since + limit
-        if self._timer is None or self._timer.when() > due:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(due, self._check)
-
-    def received(self) -> None:
-        self._since = 0.0
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.clock = Deadline(asyncio.get_running_loop(), task.cancel)
 
     def expired(self) -> bool:
         """After a CancelledError: True when this deadline caused it (and it is undone)."""
-        return self._fired and self._task is not None and self._task.uncancel() <= self._cancelling
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _check(self) -> None:
-        self._timer = None
-        if not self._since:
-            return  # not waiting: the next wait schedules a timer again
-        due = self._since + self._limit
-        if self._loop.time() >= due and self._task is not None:
-            self._fired = True
-            self._task.cancel()
-        else:
-            self._timer = self._loop.call_at(due, self._check)
+        return self.clock.expired and self._task.uncancel() <= self._cancelling
 
 
 async def _drain(lines: AsyncIterator[str]) -> None:

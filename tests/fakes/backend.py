@@ -30,6 +30,7 @@ class FakeBackend:
     """Replays scripted replies and records what it was asked."""
 
     name = "fake"
+    context_limit: int | None = None
 
     def __init__(self, *, model: str = "fake-model", tokens_per_char: float | None = None):
         self.model = model

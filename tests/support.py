@@ -1,0 +1,201 @@
+"""What the tests share: the real service on ephemeral ports, a WebSocket client, and helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from llm_service.backends import open_backend
+from llm_service.config import Settings
+from llm_service.server import ServiceRunner
+from tests.process import ROOT, main_command
+
+RECV_TIMEOUT = 5.0
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for a test: defaults, no `.env`, loopback only, then `overrides`."""
+    values: dict[str, Any] = {
+        "llm_host": "127.0.0.1",
+        "llm_backend": "ollama",
+        "log_level": "WARNING",
+        "health_cache_ttl_s": 0.0,
+        "llm_retry_backoff_s": 0.01,
+        "llm_retry_max_backoff_s": 0.05,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@dataclass
+class RunningService:
+    runner: ServiceRunner
+    port: int
+    monitoring_port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/llm"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def monitoring(self) -> str:
+        return f"http://127.0.0.1:{self.monitoring_port}"
+
+    async def get(self, path: str, monitoring: bool = False) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            return await client.get((self.monitoring if monitoring else self.http) + path)
+
+    async def get_with_key(self, path: str, key: str) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            return await client.get(self.http + path, headers={"Authorization": f"Bearer {key}"})
+
+    async def connect(self, **kwargs: Any) -> Client:
+        ws = await websockets.connect(self.ws_url, compression=None, open_timeout=5, **kwargs)
+        return Client(ws)
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    settings: Settings,
+    backend_factory: Callable[[Settings], Any] = open_backend,
+    *,
+    main_socket: socket.socket | None = None,
+    prepare: Callable[[ServiceRunner], None] | None = None,
+) -> AsyncIterator[RunningService]:
+    """The real server on ephemeral 127.0.0.1 ports (or on `main_socket`); `prepare` may
+    adjust the runner's app before it starts."""
+    main_sock, monitoring_sock = main_socket or bound_socket(), bound_socket()
+    runner = ServiceRunner(settings, backend_factory)
+    if prepare is not None:
+        prepare(runner)
+    task = asyncio.create_task(runner.serve(sockets=(main_sock, monitoring_sock)))
+    started = asyncio.create_task(runner.wait_started())
+    await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():
+        started.cancel()
+        runner.request_stop()
+        await task  # surfaces the start-up failure
+        raise RuntimeError("service did not start")
+    try:
+        yield RunningService(runner, main_sock.getsockname()[1], monitoring_sock.getsockname()[1])
+    finally:
+        runner.request_stop()
+        await asyncio.wait_for(task, 15)
+        main_sock.close()
+        monitoring_sock.close()
+
+
+class Client:
+    """A WebSocket client that speaks frames as dicts."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        raw = frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode()
+        await self.ws.send(raw)
+
+    async def recv(self, limit: float = RECV_TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), limit)
+        frame: dict[str, Any] = orjson.loads(raw)
+        return frame
+
+    async def recv_until(
+        self, kind: str | tuple[str, ...], limit: float = RECV_TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """Frames up to and including the first of type `kind`."""
+        kinds = (kind,) if isinstance(kind, str) else kind
+        frames = []
+        async with asyncio.timeout(limit):
+            while True:
+                frame = await self.recv(limit)
+                frames.append(frame)
+                if frame["type"] in kinds:
+                    return frames
+
+    async def start(self) -> str:
+        """Read `session_started`; return the session id."""
+        frame = await self.recv()
+        assert frame["type"] == "session_started"
+        return str(frame["session_id"])
+
+    async def turn(self, text: str, limit: float = RECV_TIMEOUT) -> list[dict[str, Any]]:
+        await self.send({"type": "user_message", "text": text})
+        return await self.recv_until(("response_complete", "error"), limit)
+
+    async def history(self) -> list[dict[str, Any]]:
+        await self.send({"type": "get_history"})
+        frame = await self.recv()
+        assert frame["type"] == "history"
+        messages: list[dict[str, Any]] = frame["messages"]
+        return messages
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def poll(check: Callable[[], Awaitable[bool]], limit: float = 2.0) -> None:
+    """Re-check a condition the test cannot wait on directly (another process's state)."""
+    deadline = time.monotonic() + limit
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def tokens_of(frames: list[dict[str, Any]]) -> list[str]:
+    return [f["data"] for f in frames if f["type"] == "token"]
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """The value of one series in Prometheus exposition text."""
+    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    assert found, f"{name}{{{labels}}} not in /metrics"
+    return float(found.group(1))
+
+
+async def run_cli(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
+    """Run `python main.py ARGS` in an empty directory (no stray `.env`) with only `env` set."""
+    base = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+    proc = await asyncio.create_subprocess_exec(
+        *main_command(*args),
+        cwd=tmp_path,
+        env={**base, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+# The opening of a WebSocket handshake as a raw client writes it (no Origin: not a browser).
+WS_HANDSHAKE = (
+    b"GET /ws/llm HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
