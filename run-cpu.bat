@@ -23,6 +23,7 @@ if errorlevel 1 goto pip_failed
 
 set "COMPUTE_DEVICE=cpu"
 echo run-cpu.bat: starting: python main.py websocket %* (COMPUTE_DEVICE=cpu)
+if "%LLM_API_KEY%%LLM_HOST%"=="" echo run-cpu.bat: listening on 127.0.0.1 only; set LLM_API_KEY (in .env) to serve other machines
 python main.py websocket %*
 exit /b %errorlevel%
 

@@ -51,6 +51,7 @@ if errorlevel 1 goto no_cuda_build
 :start
 set "COMPUTE_DEVICE=cuda"
 echo run-gpu.bat: starting: python main.py websocket %* (COMPUTE_DEVICE=cuda)
+if "%LLM_API_KEY%%LLM_HOST%"=="" echo run-gpu.bat: listening on 127.0.0.1 only; set LLM_API_KEY (in .env) to serve other machines
 python main.py websocket %*
 exit /b %errorlevel%
 

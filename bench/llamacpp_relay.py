@@ -6,7 +6,7 @@ Runs, alternately and on the same prompt, model and sampling settings (temperatu
            over its WebSocket, timed at the client
 and prints medians of time to first token and tokens per second, with the ratio.
 
-    .venv/bin/python bench/llamacpp_relay.py [--rounds 7] [--max-tokens 128]
+    .venv/bin/python bench/llamacpp_relay.py [--rounds 15] [--max-tokens 128]
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ async def service_run(url: str, max_tokens: int, count: object) -> Run:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument(
         "--threads",

@@ -60,6 +60,7 @@ async def build_service(
     )
     health = EngineHealth(engine, settings.health_cache_ttl_s, telemetry)
     stack.push_async_callback(health.aclose)
+    await _warn_unless_ready(health, settings)
     limit = engine.context_limit
     window = settings.default_context_window
     return Service(
@@ -84,6 +85,28 @@ async def build_service(
     )
 
 
+async def _warn_unless_ready(health: EngineHealth, settings: Settings) -> None:
+    """Say at start-up, loudly, when the engine will fail every turn, what that means and what
+    to do. (The service starts all the same and recovers by itself once the engine answers.)"""
+    status = await health.current()
+    if not status.reachable:
+        log.warning(
+            "engine_unreachable",
+            backend=settings.llm_backend,
+            detail=status.detail,
+            effect="every turn fails with upstream_unavailable until the engine answers",
+            fix="start the engine (ollama serve) or correct OLLAMA_BASE_URL; or set "
+            "LLM_BACKEND=auto to serve with the embedded engine when Ollama is not there",
+        )
+    elif status.model_available is False:
+        log.warning(
+            "model_missing",
+            model=settings.llm_model,
+            effect="every turn fails with model_not_found until the engine has the model",
+            fix="python main.py test --pull (or: ollama pull <model>), or change LLM_MODEL",
+        )
+
+
 def create_app(settings: Settings, backend_factory: BackendFactory = open_backend) -> FastAPI:
     """The main app: `/ws/llm`, `/health`, `/stats` and the chat page at `/`."""
 
@@ -103,13 +126,6 @@ def create_app(settings: Settings, backend_factory: BackendFactory = open_backen
                     detail="LLM_API_KEY is not set: anyone who can reach "
                     "this port can use the service",
                 )
-            log.info(
-                "service_ready",
-                backend=service.backend.name,
-                model=service.backend.model,
-                reason=service.choice.reason,
-                device=service.choice.describe_device(),
-            )
             yield
             log.info("service_stopping")
 

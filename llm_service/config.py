@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     llm_shutdown_grace_s: float = Field(20.0, ge=0)
 
     # Server
-    llm_host: str = "0.0.0.0"
+    # unset: loopback, unless a key guards the port (then every interface); see _host_by_key
+    llm_host: str = "127.0.0.1"
     llm_port: int = Field(8000, ge=0, le=65535)
     llm_monitoring_port: int = Field(9092, ge=0, le=65535)
     llm_max_connections: int = Field(50, ge=1)
@@ -104,6 +105,17 @@ class Settings(BaseSettings):
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _host_by_key(cls, data: Any) -> Any:
+        """An open service listens on loopback only; one with LLM_API_KEY on every interface.
+        An explicit LLM_HOST always wins."""
+        if isinstance(data, dict) and not str(data.get("llm_host") or "").strip():
+            key = data.get("llm_api_key")
+            secret = key.get_secret_value() if isinstance(key, SecretStr) else str(key or "")
+            data = {**data, "llm_host": "0.0.0.0" if secret.strip() else "127.0.0.1"}
+        return data
 
     @field_validator(
         "compute_device",

@@ -38,7 +38,7 @@ from llm_service.timing import SlidingWindow
 MESSAGE_OVERHEAD = 4
 REPLY_PRIMER = 3
 
-Status = Literal["complete", "interrupted", "incomplete"]
+Status = Literal["complete", "interrupted", "incomplete", "streaming"]
 
 
 def estimate_tokens(text: str) -> int:
@@ -208,6 +208,7 @@ class Conversation:
     turns: int = 0
     tokens_generated: int = 0
     started_at: float = field(default_factory=time.monotonic)
+    current: Turn | None = None  # the turn whose reply is streaming
     _rate: SlidingWindow = field(init=False)
 
     def __post_init__(self) -> None:
@@ -218,6 +219,7 @@ class Conversation:
         """Start afresh with `config`: the system prompt alone in the history."""
         self.config = config
         self.entries = []
+        self.current = None
         prompt = config.system_prompt
         self.system = Entry("system", prompt, self.count(prompt)) if prompt else None
 
@@ -241,6 +243,7 @@ class Conversation:
             )
         turn = self._plan(text)
         self._rate.record()
+        self.current = turn
         return turn
 
     def _plan(self, text: str) -> Turn:
@@ -267,6 +270,7 @@ class Conversation:
         return Turn(self, user, prompt, total + REPLY_PRIMER, dropped)
 
     def _finish(self, turn: Turn, outcome: Status) -> None:
+        self.current = None
         stats = turn.stats()
         if turn.parts or outcome == "complete":
             reply = "".join(turn.parts)
@@ -296,8 +300,14 @@ class Conversation:
         )
 
     def messages(self) -> list[Entry]:
-        """The whole history: the system prompt, then the turns."""
-        return ([self.system] if self.system else []) + self.entries
+        """The whole history: the system prompt, then the turns, then the turn in flight
+        (its user message, and its reply as far as it was sent, marked `streaming`)."""
+        history = ([self.system] if self.system else []) + self.entries
+        turn = self.current
+        if turn is not None:
+            reply = Entry("assistant", "".join(turn.parts), 0, "streaming")
+            history += [turn.user, reply]
+        return history
 
     def summary(self) -> SessionSummary:
         return SessionSummary(

@@ -65,6 +65,7 @@ def configure_logging(
         logger = logging.getLogger(name)
         logger.handlers = []
         logger.propagate = True
+    logging.getLogger("uvicorn.error").addFilter(_OncePerServerPair())
     # One access line per /health probe drowns everything else; show them only when debugging.
     logging.getLogger("uvicorn.access").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
     logging.getLogger("httpx").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
@@ -72,6 +73,28 @@ def configure_logging(
     # handshake's headers (keys) and every frame (prompts, replies).
     for name in ("websockets", "uvicorn.error"):
         logging.getLogger(name).setLevel("INFO" if level == "DEBUG" else level)
+
+
+class _OncePerServerPair(logging.Filter):
+    """uvicorn says "Started server process", "Shutting down" and "Finished server process"
+    once per server; the service runs two in one process, so the second of each pair (the
+    same line again, at once) is dropped."""
+
+    _LIFECYCLE = frozenset(
+        {"Started server process [%d]", "Finished server process [%d]", "Shutting down"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: tuple[object, object] | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self._LIFECYCLE:
+            return True
+        seen = (record.msg, record.args)
+        repeated = seen == self._last
+        self._last = seen
+        return not repeated
 
 
 class _RedactingFormatter(structlog.stdlib.ProcessorFormatter):

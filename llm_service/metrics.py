@@ -65,6 +65,7 @@ class Totals:
     active_connections: int = 0
     total_connections: int = 0
     active_sessions: int = 0
+    total_sessions: int = 0
     total_turns: int = 0
     total_tokens_generated: int = 0
     total_errors: int = 0
@@ -169,6 +170,7 @@ class Telemetry:
 
     def session_started(self) -> None:
         self.totals.active_sessions += 1
+        self.totals.total_sessions += 1
         self.sessions_active.inc()
         self.sessions_total.inc()
 
@@ -220,6 +222,7 @@ class Telemetry:
             },
             "conversations": {
                 "active_sessions": t.active_sessions,
+                "total_sessions": t.total_sessions,
                 "total_turns": t.total_turns,
                 "total_tokens_generated": t.total_tokens_generated,
             },

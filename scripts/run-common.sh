@@ -102,7 +102,12 @@ ensure_gpu_build() {
 }
 
 # Replace this shell with the service, so that signals reach it directly.
+# Without LLM_API_KEY (and LLM_HOST) the service listens on 127.0.0.1 only: an open LLM
+# endpoint is not offered to the network by default.
 start_service() {
     info "starting: python main.py websocket $* (COMPUTE_DEVICE=$COMPUTE_DEVICE)"
+    if [ -z "${LLM_API_KEY:-}${LLM_HOST:-}" ] && ! grep -Eqs '^(LLM_API_KEY|LLM_HOST)=.' .env; then
+        info "listening on 127.0.0.1 only; set LLM_API_KEY (in .env) to serve other machines"
+    fi
     exec python main.py websocket "$@"
 }

@@ -115,7 +115,8 @@ def test_service_ports_environment_and_env_file(compose_name: str) -> None:
     service = load_compose(compose_name)["services"]["llm-service"]
     # Quoted strings: YAML 1.1 reads an unquoted 9092:9092 as a base-60 number.
     assert all(isinstance(port, str) for port in service["ports"])
-    assert {"8002:8000", "9092:9092"} <= set(service["ports"])
+    # loopback only: an open service (no key by default) is not published to the network
+    assert {"127.0.0.1:8002:8000", "127.0.0.1:9092:9092"} <= set(service["ports"])
     env = environment(service)
     assert {key: env.get(key) for key in PINNED_ENV} == PINNED_ENV
     assert env["COMPUTE_DEVICE"] == device
@@ -192,8 +193,8 @@ def test_compose_config_resolves_as_intended(
 ) -> None:
     config = compose_config(tmp_path, compose_name, dotenv)
     service = config["services"]["llm-service"]
-    published = {(p["target"], str(p["published"])) for p in service["ports"]}
-    assert {(8000, "8002"), (9092, "9092")} <= published
+    published = {(p["target"], str(p["published"]), p.get("host_ip")) for p in service["ports"]}
+    assert {(8000, "8002", "127.0.0.1"), (9092, "9092", "127.0.0.1")} <= published
     env = service["environment"]
     assert {key: env.get(key) for key in PINNED_ENV} == PINNED_ENV
     assert env["COMPUTE_DEVICE"] == COMPOSE_FILES[compose_name][1]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from llm_service.config import load_settings
+from llm_service.config import Settings, load_settings
 from llm_service.errors import (
     ConfigError,
     InvalidConfig,
@@ -89,9 +91,6 @@ def test_keep_alive_accepts_ollama_durations() -> None:
 
 
 def test_env_example_lists_every_setting_with_a_comment() -> None:
-    from pathlib import Path
-
-    from llm_service.config import Settings
 
     lines = (Path(__file__).parent.parent / ".env.example").read_text().splitlines()
     listed = {}
@@ -101,7 +100,34 @@ def test_env_example_lists_every_setting_with_a_comment() -> None:
             assert lines[i - 1].startswith("# "), f"{name} has no comment above it"
             listed[name] = line.split("=", 1)[1]
     assert set(listed) == {name.upper() for name in Settings.model_fields}
-    # the example's values are the defaults, but for the engine, which it names explicitly
-    assert listed.pop("LLM_BACKEND") == "ollama"
-    example = load_settings(_env_file=None, **{k.lower(): v for k, v in listed.items()})
-    assert example == load_settings(_env_file=None, llm_backend="auto")
+
+
+def test_env_example_is_copy_safe_every_value_is_the_default() -> None:
+    # `cp .env.example .env` changes nothing: the file, read as a .env, gives the defaults
+    example = Path(__file__).parent.parent / ".env.example"
+    assert load_settings(_env_file=example) == load_settings(_env_file=None)
+    assert load_settings(_env_file=example).llm_backend == "auto"
+
+
+def test_host_is_loopback_unless_a_key_guards_the_port() -> None:
+    assert load_settings(_env_file=None).llm_host == "127.0.0.1"
+    assert load_settings(_env_file=None, llm_api_key="k-1").llm_host == "0.0.0.0"
+    assert load_settings(_env_file=None, llm_api_key=" ").llm_host == "127.0.0.1"
+    explicit = load_settings(_env_file=None, llm_host="0.0.0.0")
+    assert explicit.llm_host == "0.0.0.0" and explicit.llm_api_key is None
+
+
+def test_default_and_session_sampling_share_their_ranges() -> None:
+    # top_k 0 means "no top-k" to every engine: allowed as a default as in a session
+    assert load_settings(_env_file=None, default_top_k=0).default_sampling().top_k == 0
+    with pytest.raises(InvalidConfig):
+        parse_client_frame('{"type":"start_session","config":{"top_p":0}}', 1024)
+    with pytest.raises(ConfigError, match="DEFAULT_TOP_P"):
+        load_settings(_env_file=None, default_top_p=0)
+    for value in (-0.1, 2.1):
+        with pytest.raises(ConfigError, match="DEFAULT_TEMPERATURE"):
+            load_settings(_env_file=None, default_temperature=value)
+        with pytest.raises(InvalidConfig, match="temperature"):
+            parse_client_frame(
+                f'{{"type":"start_session","config":{{"temperature":{value}}}}}', 1024
+            )

@@ -340,3 +340,35 @@ def test_auth_throttle_forgets_after_a_minute_and_bounds_its_memory() -> None:
     for i in range(10_000):
         throttle.failed(f"10.0.{i // 256}.{i % 256}")
     assert len(throttle._failures) <= 4096
+
+
+async def test_only_turns_that_start_count_against_the_rate(fake_ollama: FakeOllama) -> None:
+    settings = make_settings(
+        ollama_base_url=fake_ollama.url,
+        llm_rate_limit_turns_per_minute=2,
+        default_context_window=1024,
+        default_max_tokens=512,
+    )
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await client.start()
+        for _ in range(3):  # refused before they start: they cost nothing
+            frames = await client.turn("word " * 2000)
+            assert frames[-1]["error"]["code"] == "context_overflow"
+        for _ in range(2):
+            assert (await client.turn("hi"))[-1]["type"] == "response_complete"
+        assert (await client.turn("one more"))[-1]["error"]["code"] == "rate_limited"
+        await client.close()
+
+
+async def test_stats_count_sessions_in_all(service: RunningService) -> None:
+    for _ in range(3):
+        client = await service.connect()
+        await client.start()
+        await client.close()
+
+    async def all_closed() -> bool:
+        body = (await service.get("/stats")).json()["conversations"]
+        return bool(body["active_sessions"] == 0 and body["total_sessions"] == 3)
+
+    await poll(all_closed)

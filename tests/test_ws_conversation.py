@@ -244,3 +244,25 @@ async def test_engine_connection_is_reused_after_a_complete_reply_but_not_after_
     await client.turn("four")
     assert fake_ollama.chats[3].peer != fake_ollama.chats[2].peer, "a cancel closes it"
     await client.close()
+
+
+async def test_history_during_a_reply_shows_the_turn_so_far_as_streaming(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(Reply(chunks=["One", " two"], stall_after=1))  # then nothing more
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Count."})
+    assert await client.recv() == {"type": "token", "data": "One"}
+    assert (await client.history())[-2:] == [
+        {"role": "user", "content": "Count."},
+        {"role": "assistant", "content": "One", "status": "streaming"},
+    ]
+    await client.send({"type": "cancel"})
+    await client.recv_until("cancelled")
+    assert (await client.history())[-1] == {
+        "role": "assistant",
+        "content": "One",
+        "status": "interrupted",
+    }
+    await client.close()

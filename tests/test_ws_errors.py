@@ -367,3 +367,22 @@ async def test_stream_ending_without_done_line_is_an_upstream_error(
     history = await client.history()
     assert history[-1]["status"] == "incomplete"
     await client.close()
+
+
+async def test_a_config_typo_is_named_back_and_the_rest_applies(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    client = await service.connect()
+    await client.start()
+    await client.send(
+        {"type": "start_session", "config": {"temprature": 0.1, "top_k": 7, "mood": "sunny"}}
+    )
+    configured = await client.recv()
+    assert configured["type"] == "session_configured"
+    assert configured["ignored_fields"] == ["temprature", "mood"]
+    assert configured["config"]["temperature"] == 0.7 and configured["config"]["top_k"] == 7
+    await client.turn("Hi")
+    assert fake_ollama.chats[0].options["top_k"] == 7
+    await client.send({"type": "start_session", "config": {"top_k": 8}})
+    assert (await client.recv())["ignored_fields"] == []
+    await client.close()

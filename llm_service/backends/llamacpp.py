@@ -117,9 +117,11 @@ class _Workers:
         if self._free and not self._waiting:
             return self._free.pop()
         if len(self._waiting) >= self._max_waiting:
+            waiting = len(self._waiting)
             raise EngineBusy(
-                f"the embedded engine is busy: {self.busy} of {self.size} workers generating "
-                f"and {len(self._waiting)} turns waiting (LLAMACPP_QUEUE_SIZE); retry shortly"
+                f"the embedded engine is busy: {self.busy} of {self.size} workers generating, "
+                f"{waiting} {'turn' if waiting == 1 else 'turns'} waiting "
+                "(LLAMACPP_QUEUE_SIZE); retry shortly"
             )
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
