@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from llm_service.backends.base import LLMBackend
+from llm_service.backends.http import Timeouts
 from llm_service.backends.ollama import OllamaBackend
 from llm_service.config import Settings
 from llm_service.device import Device, detect_device, llamacpp_gpu_layers, ollama_options
@@ -48,11 +49,17 @@ def make_ollama(settings: Settings, device: Device | None = None) -> OllamaBacke
         settings.llm_model,
         keep_alive=settings.ollama_keep_alive,
         api_key=api_key,
-        connect_timeout=settings.llm_connect_timeout_s,
-        first_chunk_timeout=settings.llm_first_token_timeout_s,
-        chunk_timeout=settings.llm_chunk_timeout_s,
+        timeouts=timeouts(settings),
         max_connections=settings.llm_max_connections + 4,
         extra_options=extra,
+    )
+
+
+def timeouts(settings: Settings) -> Timeouts:
+    return Timeouts(
+        connect=settings.llm_connect_timeout_s,
+        first_chunk=settings.llm_first_token_timeout_s,
+        chunk=settings.llm_chunk_timeout_s,
     )
 
 

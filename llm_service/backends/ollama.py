@@ -1,18 +1,16 @@
 """The Ollama backend: `/api/chat` streamed as NDJSON over httpx.
 
 It maps session parameters onto Ollama's request (`max_tokens` -> `num_predict`, the context
-window -> `num_ctx`, ...), reads the stream a line at a time, and translates every failure
-once, here, into the service's error tree: HTTP status codes before the stream, in-band
-`{"error": ...}` lines and dropped connections during it, and the service's own deadlines for
-the first chunk and for the gap between chunks. Closing the stream closes the HTTP response,
-which is what makes Ollama stop generating.
+window -> `num_ctx`, ...), reads the stream a line at a time within the service's deadlines
+(`backends/http.py`), and translates every failure once, here, into the service's error
+tree: HTTP status codes before the stream, in-band `{"error": ...}` lines and dropped
+connections during it. Closing the stream closes the HTTP response, which is what makes
+Ollama stop generating.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,20 +24,27 @@ from llm_service.backends.base import (
     StreamItem,
     finish_closing,
 )
+from llm_service.backends.http import (
+    PROBE_TIMEOUT_S,
+    Timeouts,
+    UnitReader,
+    error_body,
+    http_client,
+    httpx_errors,
+    open_stream,
+    translated,
+)
 from llm_service.errors import (
     EngineError,
     ModelNotFound,
     UpstreamError,
     UpstreamRejected,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from llm_service.redact import mask_url
-from llm_service.timing import Deadline
 
-_MAX_ERROR_BODY = 64 * 1024
-_KEEPALIVE_POOL = 20
-_DRAIN_LIMIT_S = 1.0
+# SamplingParams' names that Ollama spells otherwise; every other field goes by its own name.
+_OLLAMA_OPTION = {"max_tokens": "num_predict"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +54,6 @@ class PullProgress:
     status: str
     completed: int | None = None
     total: int | None = None
-
-
-_PROBE_TIMEOUT_S = 1.0
-# SamplingParams' names that Ollama spells otherwise; every other field goes by its own name.
-_OLLAMA_OPTION = {"max_tokens": "num_predict"}
 
 
 class OllamaBackend:
@@ -69,37 +69,19 @@ class OllamaBackend:
         *,
         keep_alive: str = "5m",
         api_key: str | None = None,
-        connect_timeout: float = 5.0,
-        first_chunk_timeout: float = 120.0,
-        chunk_timeout: float = 30.0,
+        timeouts: Timeouts | None = None,
         max_connections: int = 64,
         extra_options: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.base_url = base_url
-        self.where = f"Ollama at {mask_url(base_url)}"  # how messages name it
+        self.label = mask_url(base_url)  # how metrics and /health name it
+        self.where = f"Ollama at {self.label}"  # how messages name it
         self._keep_alive = _keep_alive_value(keep_alive)
-        self._first_chunk_timeout = first_chunk_timeout
-        self._chunk_timeout = chunk_timeout
+        self._timeouts = timeouts = timeouts or Timeouts()
         self._extra_options = dict(extra_options or {})
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # httpx's read timeout is only a backstop: the service's own deadlines, per chunk,
-        # are shorter and give the error its meaning (first chunk vs gap between chunks).
-        backstop = max(first_chunk_timeout, chunk_timeout) + 5.0
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=connect_timeout, read=backstop, write=connect_timeout, pool=connect_timeout
-            ),
-            # A few idle connections are kept for the next turns; httpcore looks at every
-            # pooled connection on each request, so hundreds of idle ones would cost more
-            # than the handshakes they save.
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=min(max_connections, _KEEPALIVE_POOL),
-            ),
-        )
+        self._client = http_client(base_url, headers, timeouts, max_connections)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -125,44 +107,18 @@ class OllamaBackend:
         }
 
     async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
-        body = orjson.dumps(self.request_body(request))
-        headers = {"Content-Type": "application/json"}
-        try:
-            async with asyncio.timeout(self._first_chunk_timeout):
-                chat = self._client.build_request(
-                    "POST", "/api/chat", content=body, headers=headers
-                )
-                with _httpx_errors(self.where):
-                    response = await self._client.send(chat, stream=True)
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"no answer from Ollama within {self._first_chunk_timeout:g} s"
-            ) from exc
-        deadline = _ChunkDeadline()
+        chat = self._client.build_request(
+            "POST",
+            "/api/chat",
+            content=orjson.dumps(self.request_body(request)),
+            headers={"Content-Type": "application/json"},
+        )
+        response = await open_stream(self._client, chat, self.where, self._timeouts)
+        lines = UnitReader(response.aiter_lines(), self.where, self._timeouts)
         try:
             if response.status_code != 200:
                 raise await _status_error(response, self.model)
-            lines = response.aiter_lines()
-            limit = self._first_chunk_timeout
-            while True:
-                deadline.clock.start(limit)
-                try:
-                    line = await anext(lines)
-                except StopAsyncIteration as exc:
-                    raise UpstreamError(
-                        "Ollama ended the stream without a final 'done' line"
-                    ) from exc
-                except asyncio.CancelledError as exc:
-                    if deadline.expired():
-                        phase = (
-                            "first chunk" if limit == self._first_chunk_timeout else "next chunk"
-                        )
-                        raise UpstreamTimeout(f"Ollama sent no {phase} within {limit:g} s") from exc
-                    raise
-                except httpx.HTTPError as exc:
-                    raise _translated(exc, self.where, mid_reply=True) from exc
-                deadline.clock.stop()
-                limit = self._chunk_timeout
+            while (line := await lines.next()) is not None:
                 if not line:
                     continue
                 try:
@@ -171,7 +127,7 @@ class OllamaBackend:
                         raise UpstreamError(f"Ollama: {data['error']}")
                     if data.get("done"):
                         end = _stream_end(data)
-                        await _drain(lines)
+                        await lines.drain()
                         yield end
                         return
                     content = data["message"]["content"]
@@ -182,14 +138,15 @@ class OllamaBackend:
                     ) from exc
                 if content:
                     yield content
+            raise UpstreamError(f"{self.where} ended the stream without a final 'done' line")
         finally:
-            deadline.clock.close()
+            lines.close()
             await finish_closing(response.aclose())
 
     async def pull(self) -> AsyncGenerator[PullProgress, None]:
         """Pull the model through `/api/pull`, yielding Ollama's progress lines."""
         body = {"model": self.model, "stream": True}
-        with _httpx_errors(self.where):
+        with httpx_errors(self.where):
             # Downloads pause between layers; the backstop read timeout bounds each pause.
             async with self._client.stream("POST", "/api/pull", json=body) as response:
                 if response.status_code != 200:
@@ -213,13 +170,13 @@ class OllamaBackend:
 
     async def status(self) -> EngineStatus:
         try:
-            version = await self._client.get("/api/version", timeout=_PROBE_TIMEOUT_S)
+            version = await self._client.get("/api/version", timeout=PROBE_TIMEOUT_S)
             version.raise_for_status()
-            tags = await self._client.get("/api/tags", timeout=_PROBE_TIMEOUT_S)
+            tags = await self._client.get("/api/tags", timeout=PROBE_TIMEOUT_S)
             tags.raise_for_status()
             names = {m.get("name") for m in tags.json().get("models", [])}
         except httpx.HTTPError as exc:
-            return EngineStatus(reachable=False, detail=_translated(exc, self.where).message)
+            return EngineStatus(reachable=False, detail=translated(exc, self.where).message)
         except (ValueError, AttributeError):
             return EngineStatus(
                 reachable=False, detail=f"{self.where} answered, but not as Ollama does"
@@ -231,36 +188,6 @@ class OllamaBackend:
             version=str(version.json().get("version")),
             model_available=available,
         )
-
-
-class _ChunkDeadline:
-    """The deadline of each wait for the next chunk: a `timing.Deadline` that cancels the
-    waiting task when it expires, and turns that cancellation back into a timeout, the way
-    `asyncio.timeout` does. Time the consumer spends elsewhere (sending to a slow client)
-    does not count: only the waits themselves are timed."""
-
-    def __init__(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self.clock = Deadline(asyncio.get_running_loop(), task.cancel)
-
-    def expired(self) -> bool:
-        """After a CancelledError: True when this deadline caused it (and it is undone)."""
-        return self.clock.expired and self._task.uncancel() <= self._cancelling
-
-
-async def _drain(lines: AsyncIterator[str]) -> None:
-    """Read the body to its end after the `done` line (its closing chunk is usually already
-    buffered), so the connection goes back to the pool instead of being closed. An engine
-    that does not end the body promptly just loses the connection."""
-    try:
-        async with asyncio.timeout(_DRAIN_LIMIT_S):
-            async for _ in lines:
-                pass
-    except (TimeoutError, httpx.HTTPError):
-        return
 
 
 def _tagged(name: str) -> str:
@@ -288,44 +215,8 @@ def _stream_end(data: dict[str, Any]) -> StreamEnd:
     )
 
 
-@contextmanager
-def _httpx_errors(where: str, *, mid_reply: bool = False) -> Iterator[None]:
-    """Translate httpx's exceptions into the service's error tree, once, with the cause kept."""
-    try:
-        yield
-    except httpx.HTTPError as exc:
-        raise _translated(exc, where, mid_reply=mid_reply) from exc
-
-
-# What each httpx failure means, in words; the exception itself stays the error's cause (and
-# reaches the log), never the client's message.
-_WORDS: tuple[tuple[type[httpx.HTTPError], str], ...] = (
-    (httpx.PoolTimeout, "had no free connection in time (every connection busy)"),
-    (httpx.ConnectTimeout, "did not accept the connection in time"),
-    (httpx.ReadTimeout, "sent nothing within the read timeout"),
-    (httpx.WriteTimeout, "did not take the request in time"),
-    (httpx.ConnectError, "cannot be reached (connection refused or host unreachable)"),
-    (httpx.RemoteProtocolError, "closed the connection unexpectedly"),
-    (httpx.ReadError, "broke the connection while the service was reading"),
-    (httpx.WriteError, "broke the connection while the service was sending"),
-)
-
-
-def _translated(exc: httpx.HTTPError, where: str, *, mid_reply: bool = False) -> EngineError:
-    words = next((w for kind, w in _WORDS if isinstance(exc, kind)), "failed")
-    if mid_reply:
-        return UpstreamError(f"{where} {words} mid-reply")
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"{where} {words}")
-    return UpstreamUnavailable(f"{where} {words}")
-
-
 async def _status_error(response: httpx.Response, model: str) -> EngineError:
-    raw = b""
-    async for part in response.aiter_bytes():
-        raw += part
-        if len(raw) >= _MAX_ERROR_BODY:
-            break
+    raw = await error_body(response)
     try:
         message = str(orjson.loads(raw).get("error") or "")
     except (orjson.JSONDecodeError, AttributeError):
