@@ -23,13 +23,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llm_service import __version__, protocol
 from llm_service.backends import BackendChoice, open_backend
-from llm_service.backends.resilient import ResilientBackend, RetryPolicy
+from llm_service.backends.pool import EnginePool, RetryPolicy, Upstream
 from llm_service.breaker import CircuitBreaker
 from llm_service.config import Settings
 from llm_service.conversation import SessionConfig, TurnLimits
 from llm_service.health import EngineHealth
 from llm_service.hub import Hub
-from llm_service.metrics import CIRCUIT_STATES, Telemetry
+from llm_service.metrics import Telemetry
 from llm_service.security import Access, AuthThrottle
 from llm_service.service import Service
 from llm_service.web import router as web_router
@@ -46,28 +46,41 @@ async def build_service(
     """Make every part of the service, each closed by `stack` in reverse."""
     telemetry = Telemetry()
     choice = await backend_factory(settings)
-    engine = choice.backend
-    stack.push_async_callback(engine.aclose)
-    breaker = CircuitBreaker(
-        settings.circuit_breaker_failure_threshold, settings.circuit_breaker_recovery_timeout
-    )
-    telemetry.circuit_state.set_function(lambda: CIRCUIT_STATES[breaker.state])
+    upstreams = [
+        Upstream(
+            engine,
+            engine.label,
+            CircuitBreaker(
+                settings.circuit_breaker_failure_threshold,
+                settings.circuit_breaker_recovery_timeout,
+            ),
+        )
+        for engine in choice.engines
+    ]
     retry = RetryPolicy(
         attempts=settings.llm_retry_attempts,
         backoff_s=settings.llm_retry_backoff_s,
         max_backoff_s=settings.llm_retry_max_backoff_s,
         deadline_s=settings.llm_retry_deadline_s,
     )
-    health = EngineHealth(engine, settings.health_cache_ttl_s, telemetry)
+    pool = EnginePool(
+        upstreams,
+        retry,
+        telemetry,
+        max_inflight=settings.llm_upstream_max_inflight,
+        probe_interval_s=settings.llm_upstream_probe_interval_s,
+    )
+    stack.push_async_callback(pool.aclose)
+    health = EngineHealth(pool, settings.health_cache_ttl_s, telemetry)
     stack.push_async_callback(health.aclose)
     await _warn_unless_ready(health, settings)
-    limit = engine.context_limit
+    pool.start()
+    limit = pool.context_limit
     window = settings.default_context_window
     return Service(
         settings=settings,
-        backend=ResilientBackend(engine, breaker, retry, telemetry),
+        backend=pool,
         choice=choice,
-        breaker=breaker,
         telemetry=telemetry,
         health=health,
         access=Access(
@@ -75,7 +88,9 @@ async def build_service(
             settings.allowed_origins(),
             AuthThrottle(settings.llm_auth_failures_per_minute),
         ),
-        default_config=SessionConfig(settings.default_system_prompt, settings.default_sampling()),
+        default_config=SessionConfig(
+            settings.default_system_prompt, settings.default_sampling(pool.sampling_defaults)
+        ),
         turn_limits=TurnLimits(
             max_chars=settings.llm_max_user_message_chars,
             per_minute=settings.llm_rate_limit_turns_per_minute,
@@ -200,7 +215,7 @@ async def health_report(service: Service) -> tuple[int, dict[str, Any]]:
     engine = await service.health.current()
     if not engine.reachable:
         status = "unhealthy"
-    elif engine.model_available is False or service.breaker.state == "open":
+    elif engine.model_available is False or service.backend.all_open():
         status = "degraded"
     else:
         status = "healthy"
@@ -216,7 +231,8 @@ async def health_report(service: Service) -> tuple[int, dict[str, Any]]:
         "backend_reason": service.choice.reason,
         "device": service.choice.describe_device(),
         "context_window": service.context_window,
-        "circuit_breaker": service.breaker.snapshot(),
+        "circuit_breaker": service.backend.breaker_snapshot(),
+        "upstreams": service.backend.snapshot(),
         "engine": {
             "reachable": engine.reachable,
             "detail": engine.detail,

@@ -46,6 +46,18 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self.opened_at + self.recovery_timeout - self._clock())
 
+    def admits(self) -> bool:
+        """Whether `before_call()` would let a call through now (it changes nothing)."""
+        if self.state == "closed":
+            return True
+        if self.state == "open":
+            return self.retry_after() <= 0
+        return not self._probing
+
+    def reset(self) -> None:
+        """Close the breaker: the engine has shown, outside any call, that it answers."""
+        self.record_success()
+
     def before_call(self) -> None:
         """Admit a call or raise `CircuitOpen`. An admitted call must end in exactly one of
         `record_success`, `record_failure` or `record_abandoned`."""

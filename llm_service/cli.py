@@ -71,8 +71,8 @@ def test_engine(
     raise typer.Exit(0 if ok else 1)
 
 
-async def _pull(backend: OllamaBackend) -> bool:
-    """Pull the model with a progress bar; False when the pull failed."""
+async def _pull(backend: OllamaBackend) -> str | None:
+    """Pull the model with a progress bar; what went wrong, or None."""
     typer.echo(f"pull      {backend.model} from Ollama's library")
     last_status = ""
     try:
@@ -91,8 +91,8 @@ async def _pull(backend: OllamaBackend) -> bool:
             last_status = step.status
     except ServiceError as exc:
         typer.echo("")
-        return _verdict(False, f"pull failed [{exc.code}]: {exc.message}")
-    return True
+        return f"pull failed [{exc.code}]: {exc.message}"
+    return None
 
 
 async def _check_engine(settings: Settings, pull: bool = False, model_asked: bool = False) -> bool:
@@ -101,10 +101,10 @@ async def _check_engine(settings: Settings, pull: bool = False, model_asked: boo
         choice = await open_backend(settings)
     except StartupError as exc:
         return _verdict(False, str(exc))
-    backend = choice.backend
+    engines = choice.engines
     try:
-        typer.echo(f"engine    {backend.name}: {choice.reason}")
-        if not isinstance(backend, OllamaBackend) and (pull or model_asked):
+        typer.echo(f"engine    {engines[0].name}: {choice.reason}")
+        if engines[0].name == "llamacpp" and (pull or model_asked):
             option = "--pull" if pull else "--model"
             return _verdict(
                 False,
@@ -112,36 +112,53 @@ async def _check_engine(settings: Settings, pull: bool = False, model_asked: boo
                 "runs one GGUF file (LLAMACPP_MODEL_PATH, or the packaged SmolLM2). Run "
                 "Ollama (or set LLM_BACKEND=ollama) to use it",
             )
+        if pull and engines[0].name != "ollama":
+            return _verdict(
+                False,
+                "--pull applies to Ollama; an OpenAI-compatible engine "
+                "serves the models it was started with",
+            )
         if choice.device is not None:
             typer.echo(
                 f"device    {choice.device.kind} ({choice.device.name}, "
                 f"from {choice.device.source})"
             )
-        status = await backend.status()
-        if not status.reachable:
-            return _verdict(False, f"the engine cannot be reached: {status.detail}")
-        typer.echo(f"reachable yes, {status.detail}, version {status.version}")
-        if status.model_available is False and pull and isinstance(backend, OllamaBackend):
-            if not await _pull(backend):
-                return False
-            status = await backend.status()
-        if status.model_available is False:
-            return _verdict(
-                False,
-                f"model {backend.model!r} is not present; pull it first "
-                f"(python main.py test --pull, or ollama pull {backend.model})",
-            )
-        typer.echo(f"model     {backend.model} present")
-        try:
-            tokens, first_ms, speed = await _short_generation(backend, settings)
-        except ServiceError as exc:
-            return _verdict(False, f"generation failed [{exc.code}]: {exc.message}")
-        typer.echo(
-            f"generate  {tokens} tokens, first after {first_ms:.0f} ms, {speed:.1f} tokens/s"
+        for backend in engines:
+            problem = await _check_one(backend, settings, pull)
+            if problem is not None:
+                return _verdict(False, problem)
+        return _verdict(
+            True, "the engine is ready" if len(engines) == 1 else f"all {len(engines)} are ready"
         )
-        return _verdict(True, "the engine is ready")
     finally:
-        await backend.aclose()
+        for backend in engines:
+            await backend.aclose()
+
+
+async def _check_one(backend: LLMBackend, settings: Settings, pull: bool) -> str | None:
+    """Check one engine; what is wrong with it, or None."""
+    status = await backend.status()
+    if not status.reachable:
+        return f"the engine cannot be reached: {status.detail}"
+    typer.echo(f"reachable yes, {status.detail}, version {status.version}")
+    if status.model_available is False and pull and isinstance(backend, OllamaBackend):
+        failed = await _pull(backend)
+        if failed is not None:
+            return failed
+        status = await backend.status()
+    if status.model_available is False:
+        if isinstance(backend, OllamaBackend):
+            how = f"pull it first (python main.py test --pull, or ollama pull {backend.model})"
+        else:
+            how = "set LLM_MODEL to a model id that the engine's /v1/models lists"
+        return f"model {backend.model!r} is not served by {status.detail}; {how}"
+    typer.echo(f"model     {backend.model} present")
+    try:
+        tokens, first_ms, speed = await _short_generation(backend, settings)
+    except ServiceError as exc:
+        return f"generation failed [{exc.code}]: {exc.message}"
+    typer.echo(f"generate  {tokens} tokens, first after {first_ms:.0f} ms, {speed:.1f} tokens/s")
+    return None
 
 
 async def _short_generation(backend: LLMBackend, settings: Settings) -> tuple[int, float, float]:

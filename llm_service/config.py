@@ -9,6 +9,7 @@ per bad variable, named as the operator wrote it. `.env.example` lists them all.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -42,11 +43,16 @@ class Settings(BaseSettings):
     )
 
     # Engine
-    llm_backend: Literal["auto", "ollama", "llamacpp"] = "auto"
+    llm_backend: Literal["auto", "ollama", "llamacpp", "openai"] = "auto"
     llm_model: str = Field("llama3.2:1b", min_length=1)
-    ollama_base_url: str = "http://localhost:11434"
+    ollama_base_url: str = "http://localhost:11434"  # several, comma-separated: a pool
     ollama_keep_alive: str = "5m"
     ollama_api_key: SecretStr | None = None
+    openai_base_url: str = "http://localhost:8000/v1"  # several, comma-separated: a pool
+    openai_api_key: SecretStr | None = None
+    openai_sampling_dialect: Literal["vllm", "llamacpp", "openai"] = "vllm"
+    llm_upstream_max_inflight: int = Field(0, ge=0)
+    llm_upstream_probe_interval_s: float = Field(10.0, gt=0)
     compute_device: Literal["cuda", "cpu", "mps"] | None = None
     gpu_device_id: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1)
@@ -95,7 +101,7 @@ class Settings(BaseSettings):
 
     # Generation defaults for a new session; their ranges are SamplingParams', as a session's
     default_system_prompt: str = ""
-    default_temperature: float = _SAMPLING["temperature"].default
+    default_temperature: float | None = None  # unset: the engine's (sampling_defaults)
     default_max_tokens: int = _SAMPLING["max_tokens"].default
     default_context_window: int = Field(8192, ge=256)
     default_top_p: float = _SAMPLING["top_p"].default
@@ -122,7 +128,9 @@ class Settings(BaseSettings):
         "num_threads",
         "ollama_api_key",
         "llm_api_key",
+        "openai_api_key",
         "llamacpp_model_path",
+        "default_temperature",
         mode="before",
     )
     @classmethod
@@ -131,7 +139,9 @@ class Settings(BaseSettings):
 
     @field_validator(*_DEFAULTED, mode="after")
     @classmethod
-    def _sampling_range(cls, value: float, info: ValidationInfo) -> float:
+    def _sampling_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return value
         name = str(info.field_name).removeprefix("default_")
         try:
             SamplingParams.model_validate({name: value})
@@ -144,13 +154,23 @@ class Settings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("ollama_base_url")
+    @field_validator("ollama_base_url", "openai_base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        return value.rstrip("/")
+    def _http_urls(cls, value: str) -> str:
+        urls = [url.strip().rstrip("/") for url in value.split(",") if url.strip()]
+        if not urls:
+            raise ValueError("must name at least one http:// or https:// URL")
+        for url in urls:
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 (raises for a port that is not a number)
+            except ValueError as exc:
+                raise ValueError(f"{mask_url(url)!r} is not a URL ({exc})") from exc
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{mask_url(url)!r}: must be an http:// or https:// URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError("names the same URL twice")
+        return ",".join(urls)
 
     @field_validator("ollama_keep_alive")
     @classmethod
@@ -168,9 +188,22 @@ class Settings(BaseSettings):
             )
         return self
 
-    def default_sampling(self) -> SamplingParams:
-        """A new session's sampling settings, from the DEFAULT_* variables."""
-        return SamplingParams(**{name: getattr(self, f"default_{name}") for name in _SAMPLED})
+    def default_sampling(self, engine: Mapping[str, Any] | None = None) -> SamplingParams:
+        """A new session's sampling settings: the DEFAULT_* variables, and for those left
+        unset the engine's own defaults (`engine`), else SamplingParams'."""
+        values = {name: getattr(self, f"default_{name}") for name in _SAMPLED}
+        for name, value in (engine or {}).items():
+            if values.get(name) is None:
+                values[name] = value
+        return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+
+    def ollama_urls(self) -> tuple[str, ...]:
+        """OLLAMA_BASE_URL's URLs: one engine, or the pool of several."""
+        return tuple(self.ollama_base_url.split(","))
+
+    def openai_urls(self) -> tuple[str, ...]:
+        """OPENAI_BASE_URL's URLs: one engine, or the pool of several."""
+        return tuple(self.openai_base_url.split(","))
 
     def api_keys(self) -> tuple[str, ...]:
         """The accepted API keys (LLM_API_KEY, comma-separated); empty when access is open."""
@@ -192,7 +225,7 @@ class Settings(BaseSettings):
             if isinstance(value, SecretStr):
                 text = MASK
             elif name.endswith("_url"):
-                text = mask_url(value)
+                text = ",".join(mask_url(url) for url in value.split(","))
             else:
                 text = "" if value is None else str(value)
             shown[name.upper()] = text
@@ -214,7 +247,7 @@ def load_settings(**overrides: Any) -> Settings:
             given = err.get("input")
             hide = where in ("", *secret) or isinstance(given, dict)
             if where.endswith("_URL") and isinstance(given, str):
-                given = mask_url(given)
+                given = ",".join(mask_url(url) for url in given.split(","))
             shown = "" if hide else f" (got {given!r})"
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{where or 'settings'}: {message}{shown}")

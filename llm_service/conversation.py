@@ -148,7 +148,9 @@ class Turn:
         inter_token = conv.telemetry.inter_token
         parts = self.parts
         outcome: Status = "incomplete"
-        request = ChatRequest(self.prompt, conv.config.sampling, conv.context_window)
+        request = ChatRequest(
+            self.prompt, conv.config.sampling, conv.context_window, conv.session_id
+        )
         try:
             async with aclosing(conv.backend.stream_chat(request)) as chunks:
                 last = 0.0

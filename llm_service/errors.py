@@ -28,6 +28,8 @@ is a `StartupError`: one message naming the variable or the port, and exit statu
     │   │   └── EngineBusy               upstream_unavailable (load shed: not the engine's fault)
     │   ├── UpstreamError                upstream_error
     │   │   └── UpstreamRejected         upstream_error (the engine refused the request: 400)
+    │   ├── UpstreamUnauthorized         upstream_unauthorized (the engine refused the
+    │   │                                 service's key; closes the socket with 1011)
     │   ├── ModelNotFound                model_not_found
     │   ├── CircuitOpen                  circuit_open
     │   └── UpstreamTimeout              timeout
@@ -162,6 +164,17 @@ class UpstreamError(EngineError):
 
 
 class UpstreamRejected(UpstreamError):
+    engine_fault = False
+
+
+class UpstreamUnauthorized(EngineError):
+    """The engine refused the service's own credentials: a configuration error that no retry
+    and no other turn can get past until an operator fixes it."""
+
+    code = "upstream_unauthorized"
+    severity = "critical"
+    recoverable = False
+    close_code = 1011  # internal error: the server cannot serve this connection
     engine_fault = False
 
 

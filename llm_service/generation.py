@@ -33,7 +33,8 @@ _UNWIND_LIMIT_S = 5.0
 
 
 class Generation:
-    """A connection's reply in flight; `on_ended` is called when a reply ends, however."""
+    """A connection's reply in flight; `on_ended` is called when a reply ends, however it
+    ends, and `on_fatal` after an error that leaves the socket of no use."""
 
     def __init__(
         self,
@@ -41,11 +42,13 @@ class Generation:
         service: Service,
         on_ended: Callable[[], None],
         on_not_reading: Callable[[], None],
+        on_fatal: Callable[[ServiceError], None],
     ) -> None:
         self._ws = websocket
         self._telemetry = service.telemetry
         self._send_timeout_s = service.settings.llm_send_timeout_s
         self._on_ended = on_ended
+        self._on_fatal = on_fatal
         self._sends = Deadline(asyncio.get_running_loop(), on_not_reading)
         self.task: asyncio.Task[None] | None = None
         self.turn: Turn | None = None
@@ -85,6 +88,8 @@ class Generation:
             cause = None if exc.__cause__ is None else repr(exc.__cause__)
             log.warning("turn_failed", code=exc.code, error=exc.message, cause=cause)
             await self.send_error(exc)
+            if not exc.recoverable:
+                self._on_fatal(exc)  # no turn on this socket can succeed: end it
         except GONE:
             return
         except Exception as exc:  # the boundary: a bug ends the turn with a frame, not the socket

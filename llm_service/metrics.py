@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -56,6 +56,40 @@ class HotHistogram(Collector):
         yield HistogramMetricFamily(
             self._name, self._documentation, buckets=buckets, sum_value=self._sum
         )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamGauges:
+    """What /metrics shows of one upstream at a scrape."""
+
+    upstream: str
+    circuit_state: int  # 0 closed, 1 half-open, 2 open
+    in_flight: int
+    up: bool
+
+
+class _UpstreamCollector(Collector):
+    def __init__(self, gauges: Callable[[], list[UpstreamGauges]]) -> None:
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        p = "llm_service_"
+        state = GaugeMetricFamily(
+            p + "circuit_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open",
+            labels=["upstream"],
+        )
+        inflight = GaugeMetricFamily(
+            p + "upstream_in_flight", "Replies streaming from the upstream", labels=["upstream"]
+        )
+        up = GaugeMetricFamily(
+            p + "upstream_up", "1 when the upstream's last probe succeeded", labels=["upstream"]
+        )
+        for g in self._gauges():
+            state.add_metric([g.upstream], g.circuit_state)
+            inflight.add_metric([g.upstream], g.in_flight)
+            up.add_metric([g.upstream], 1 if g.up else 0)
+        yield from (state, inflight, up)
 
 
 @dataclass
@@ -114,18 +148,19 @@ class Telemetry:
             p + "errors_total", "Error frames sent, by code", ["code"], registry=r
         )
         self.upstream_requests = Counter(
-            p + "upstream_requests_total", "Engine requests by outcome", ["outcome"], registry=r
+            p + "upstream_requests_total",
+            "Engine requests by outcome and upstream",
+            ["outcome", "upstream"],
+            registry=r,
         )
         self.upstream_retries = Counter(
             p + "upstream_retries_total",
-            "Engine requests retried after a transient failure",
+            "Engine requests tried again (another upstream, or the same after a backoff)",
+            ["upstream"],
             registry=r,
         )
         self.engine_up = Gauge(
             p + "engine_up", "1 when the last engine probe succeeded", registry=r
-        )
-        self.circuit_state = Gauge(
-            p + "circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", registry=r
         )
         self.ttft = Histogram(
             p + "time_to_first_token_seconds",
@@ -183,11 +218,16 @@ class Telemetry:
         self.totals.errors_by_code[code] += 1
         self.errors.labels(code).inc()
 
-    def upstream_request(self, outcome: str) -> None:
-        self.upstream_requests.labels(outcome).inc()
+    def upstream_request(self, outcome: str, upstream: str) -> None:
+        self.upstream_requests.labels(outcome, upstream).inc()
 
-    def upstream_retried(self) -> None:
-        self.upstream_retries.inc()
+    def upstream_retried(self, upstream: str) -> None:
+        self.upstream_retries.labels(upstream).inc()
+
+    def watch_upstreams(self, gauges: Callable[[], list[UpstreamGauges]]) -> None:
+        """Expose each upstream's breaker state, replies in flight and health, read when
+        /metrics is scraped."""
+        self.registry.register(_UpstreamCollector(gauges))
 
     def turn_finished(
         self,

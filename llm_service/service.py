@@ -10,8 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from llm_service.backends import BackendChoice
-from llm_service.backends.base import LLMBackend
-from llm_service.breaker import CircuitBreaker
+from llm_service.backends.pool import EnginePool
 from llm_service.config import Settings
 from llm_service.conversation import SessionConfig, TurnLimits
 from llm_service.health import EngineHealth
@@ -24,9 +23,8 @@ class Service:
     """Everything a request handler needs, built once per app."""
 
     settings: Settings
-    backend: LLMBackend  # the engine, behind the breaker and retries
-    choice: BackendChoice  # which engine, why, and on which device
-    breaker: CircuitBreaker
+    backend: EnginePool  # the engines (one, or several), each behind its breaker
+    choice: BackendChoice  # which engines, why, and on which device
     telemetry: Telemetry
     health: EngineHealth
     access: Access

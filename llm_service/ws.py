@@ -132,7 +132,9 @@ class Connection:
         self._draining: ServiceShuttingDown | None = None
         self._receiver: asyncio.Task[str] | None = None
         self._idle = Deadline(asyncio.get_running_loop(), self._idled)
-        self.reply = Generation(websocket, service, self._reply_ended, self._not_reading)
+        self.reply = Generation(
+            websocket, service, self._reply_ended, self._not_reading, self._failed_for_good
+        )
 
     async def run(self) -> None:
         self.telemetry.session_started()
@@ -236,6 +238,9 @@ class Connection:
             self._idle.start(idle_s)  # the receive loop is waiting: idleness starts now
         if self._draining is not None:
             self.end(self._draining)
+
+    def _failed_for_good(self, error: ServiceError) -> None:
+        self._end(Ending(error.close_code or 1011, error.code))  # its frame is already sent
 
     def _idled(self) -> None:
         idle_s = self.settings.llm_session_idle_timeout_s

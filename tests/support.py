@@ -171,11 +171,20 @@ def tokens_of(frames: list[dict[str, Any]]) -> list[str]:
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    """The value of one series in Prometheus exposition text."""
-    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)$"
-    found = re.search(pattern, text, re.MULTILINE)
-    assert found, f"{name}{{{labels}}} not in /metrics"
-    return float(found.group(1))
+    """The value of a series in Prometheus exposition text: the sum over the series of `name`
+    whose labels include `labels` (`'outcome="success"'`), so a series that gained a label
+    (`upstream`) is still found."""
+    wanted = [label for label in labels.split(",") if label]
+    pattern = re.compile(
+        rf"^{re.escape(name)}(?:{{(?P<labels>[^}}]*)}})? (?P<value>[0-9.e+-]+)$", re.M
+    )
+    values = [
+        float(found["value"])
+        for found in pattern.finditer(text)
+        if all(label in (found["labels"] or "").split(",") for label in wanted)
+    ]
+    assert values, f"{name}{{{labels}}} not in /metrics"
+    return sum(values)
 
 
 async def run_cli(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:

@@ -62,10 +62,19 @@ def test_settings_defaults_follow_the_seed() -> None:
     s = load_settings(_env_file=None)
     assert (s.llm_port, s.llm_monitoring_port, s.llm_max_connections) == (8000, 9092, 50)
     assert (s.llm_model, s.ollama_keep_alive) == ("llama3.2:1b", "5m")
-    assert (s.default_temperature, s.default_max_tokens, s.default_context_window) == (
+    sampling = s.default_sampling()
+    assert (sampling.temperature, sampling.max_tokens, s.default_context_window) == (
         0.7,
         2048,
         8192,
+    )
+    # the embedded engine's own default, where DEFAULT_TEMPERATURE is unset; set, it wins
+    assert s.default_sampling({"temperature": 0.3}).temperature == 0.3
+    assert (
+        load_settings(_env_file=None, default_temperature=0.9)
+        .default_sampling({"temperature": 0.3})
+        .temperature
+        == 0.9
     )
 
 

@@ -1,11 +1,13 @@
 """Inference engines behind the `LLMBackend` Protocol, and the choice between them.
 
-`LLM_BACKEND=ollama` or `llamacpp` forces one engine; `auto` (the default) uses Ollama when
-`OLLAMA_BASE_URL` answers at start-up and the embedded llama.cpp engine otherwise. The choice,
-and why, is logged and shown on `/health`. The compute device is applied here too: for the
-embedded engine it is probed on this host (asking for a GPU that is not there is a start-up
-error); for Ollama, which usually runs elsewhere, `COMPUTE_DEVICE` is passed on as Ollama's
-options only when set, and otherwise Ollama decides.
+`LLM_BACKEND=ollama`, `openai` or `llamacpp` forces one engine kind; `auto` (the default)
+uses Ollama when `OLLAMA_BASE_URL` answers at start-up and the embedded llama.cpp engine
+otherwise. Several comma-separated URLs in `OLLAMA_BASE_URL` or `OPENAI_BASE_URL` make
+several engines, which the app puts in one pool (`pool.py`). The choice, and why, is logged
+and shown on `/health`. The compute device is applied here too: for the embedded engine it
+is probed on this host (asking for a GPU that is not there is a start-up error); for Ollama,
+which usually runs elsewhere, `COMPUTE_DEVICE` is passed on as Ollama's options only when
+set, and otherwise Ollama decides.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import structlog
 from llm_service.backends.base import LLMBackend
 from llm_service.backends.http import Timeouts
 from llm_service.backends.ollama import OllamaBackend
+from llm_service.backends.openai import OpenAIBackend
 from llm_service.config import Settings
 from llm_service.device import Device, detect_device, llamacpp_gpu_layers, ollama_options
 from llm_service.redact import mask_url
@@ -29,9 +32,9 @@ log = structlog.get_logger("llm_service.backends")
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """The engine the service runs on, why, and on which device."""
+    """The engines the service runs on (one, or a pool), why, and on which device."""
 
-    backend: LLMBackend
+    engines: tuple[LLMBackend, ...]
     reason: str
     device: Device | None
 
@@ -41,17 +44,37 @@ class BackendChoice:
         return {"kind": self.device.kind, "name": self.device.name, "source": self.device.source}
 
 
-def make_ollama(settings: Settings, device: Device | None = None) -> OllamaBackend:
+def make_ollama(settings: Settings, device: Device | None = None) -> tuple[OllamaBackend, ...]:
+    """One Ollama backend per URL of OLLAMA_BASE_URL."""
     api_key = settings.ollama_api_key.get_secret_value() if settings.ollama_api_key else None
     extra = ollama_options(device, settings.num_threads) if device is not None else None
-    return OllamaBackend(
-        settings.ollama_base_url,
-        settings.llm_model,
-        keep_alive=settings.ollama_keep_alive,
-        api_key=api_key,
-        timeouts=timeouts(settings),
-        max_connections=settings.llm_max_connections + 4,
-        extra_options=extra,
+    return tuple(
+        OllamaBackend(
+            url,
+            settings.llm_model,
+            keep_alive=settings.ollama_keep_alive,
+            api_key=api_key,
+            timeouts=timeouts(settings),
+            max_connections=settings.llm_max_connections + 4,
+            extra_options=extra,
+        )
+        for url in settings.ollama_urls()
+    )
+
+
+def make_openai(settings: Settings) -> tuple[OpenAIBackend, ...]:
+    """One OpenAI-compatible backend per URL of OPENAI_BASE_URL."""
+    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    return tuple(
+        OpenAIBackend(
+            url,
+            settings.llm_model,
+            api_key=api_key,
+            dialect=settings.openai_sampling_dialect,
+            timeouts=timeouts(settings),
+            max_connections=settings.llm_max_connections + 4,
+        )
+        for url in settings.openai_urls()
     )
 
 
@@ -108,7 +131,7 @@ async def load_llamacpp(settings: Settings) -> BackendChoice:
         context=backend.context_limit,
         trained_context=backend.trained_context,
     )
-    return BackendChoice(backend, "", device)
+    return BackendChoice((backend,), "", device)
 
 
 def _gpu_offload_supported() -> bool:
@@ -118,25 +141,27 @@ def _gpu_offload_supported() -> bool:
 
 
 async def open_backend(settings: Settings) -> BackendChoice:
-    """The engine `LLM_BACKEND` asks for, ready to serve."""
-    if settings.llm_backend == "ollama":
-        return BackendChoice(
-            make_ollama(settings, _ollama_device(settings)),
-            "LLM_BACKEND=ollama",
-            _ollama_device(settings),
-        )
-    if settings.llm_backend == "llamacpp":
+    """The engines `LLM_BACKEND` asks for, ready to serve."""
+    kind = settings.llm_backend
+    if kind == "ollama":
+        device = _ollama_device(settings)
+        return BackendChoice(make_ollama(settings, device), "LLM_BACKEND=ollama", device)
+    if kind == "openai":
+        return BackendChoice(make_openai(settings), "LLM_BACKEND=openai", None)
+    if kind == "llamacpp":
         choice = await load_llamacpp(settings)
-        return BackendChoice(choice.backend, "LLM_BACKEND=llamacpp", choice.device)
-    ollama = make_ollama(settings, _ollama_device(settings))
-    status = await ollama.status()
-    if status.reachable:
-        reason = f"LLM_BACKEND=auto: Ollama answered at {mask_url(settings.ollama_base_url)}"
-        return BackendChoice(ollama, reason, _ollama_device(settings))
-    await ollama.aclose()
+        return BackendChoice(choice.engines, "LLM_BACKEND=llamacpp", choice.device)
+    device = _ollama_device(settings)
+    ollamas = make_ollama(settings, device)
+    statuses = await asyncio.gather(*(o.status() for o in ollamas))
+    where = ", ".join(mask_url(url) for url in settings.ollama_urls())
+    if any(status.reachable for status in statuses):
+        return BackendChoice(ollamas, f"LLM_BACKEND=auto: Ollama answered at {where}", device)
+    for ollama in ollamas:
+        await ollama.aclose()
     choice = await load_llamacpp(settings)
     reason = (
-        f"LLM_BACKEND=auto: Ollama did not answer at {mask_url(settings.ollama_base_url)}, "
+        f"LLM_BACKEND=auto: Ollama did not answer at {where}, "
         "so the embedded llama.cpp engine serves"
     )
-    return BackendChoice(choice.backend, reason, choice.device)
+    return BackendChoice(choice.engines, reason, choice.device)

@@ -10,7 +10,7 @@ halfway: `finish_closing` runs a close to its end even when the task is cancelle
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -32,6 +32,7 @@ class ChatRequest:
     messages: Sequence[ChatMessage]
     sampling: SamplingParams
     context_window: int
+    affinity: str = ""  # the session's id: a pool keeps a session on one engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +61,15 @@ class EngineStatus:
 class LLMBackend(Protocol):
     """An inference engine the service can stream chat replies from."""
 
-    name: str
+    name: str  # the engine kind: ollama, openai, llamacpp
     model: str
+    label: str  # this engine, for metrics and /health: its URL without credentials
     context_limit: int | None  # the most context the engine can hold, when it is fixed
+
+    @property
+    def sampling_defaults(self) -> Mapping[str, float]:
+        """Sampler settings this engine answers best with, where DEFAULT_* leaves them unset."""
+        ...
 
     def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         """Stream one reply. Closing the iterator stops the generation upstream."""

@@ -10,8 +10,9 @@ Ollama stop generating.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import httpx
@@ -61,6 +62,7 @@ class OllamaBackend:
 
     name = "ollama"
     context_limit: int | None = None  # Ollama takes num_ctx per request
+    sampling_defaults: Mapping[str, float] = MappingProxyType({})
 
     def __init__(
         self,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from llm_service.backends.base import (
     ChatRequest,
@@ -30,6 +31,8 @@ class FakeBackend:
     """Replays scripted replies and records what it was asked."""
 
     name = "fake"
+    label = "fake"
+    sampling_defaults: Mapping[str, float] = MappingProxyType({})
     context_limit: int | None = None
 
     def __init__(self, *, model: str = "fake-model", tokens_per_char: float | None = None):
