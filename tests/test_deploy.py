@@ -210,6 +210,31 @@ def test_compose_config_resolves_as_intended(
         assert devices == []
 
 
+def test_vllm_compose_puts_the_service_in_front_of_vllm() -> None:
+    compose = load_compose("docker-compose.vllm.yml")
+    vllm, service = compose["services"]["vllm"], compose["services"]["llm-service"]
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", vllm["image"]), "a pinned release"
+    assert "ports" not in vllm, "vLLM is reached on the compose network only"
+    assert vllm["healthcheck"]["test"][0] == "CMD" and "/health" in " ".join(
+        vllm["healthcheck"]["test"]
+    )
+    assert gpu_devices(vllm) and not gpu_devices(service)
+    assert "--served-model-name=${LLM_MODEL:-qwen2.5-1.5b-instruct}" in vllm["command"]
+    env = environment(service)
+    assert (env["LLM_BACKEND"], env["OPENAI_BASE_URL"]) == ("openai", "http://vllm:8000/v1")
+    assert env["LLM_MODEL"] == "${LLM_MODEL:-qwen2.5-1.5b-instruct}"
+    assert {"127.0.0.1:8002:8000", "127.0.0.1:9092:9092"} <= set(service["ports"])
+    assert depends_on(service) == {"vllm": "service_healthy"}
+    assert all(NETWORK in s["networks"] for s in compose["services"].values())
+
+
+def test_vllm_compose_resolves(tmp_path: Path) -> None:
+    config = compose_config(tmp_path, "docker-compose.vllm.yml", "LLM_MODEL=my-model\n")
+    vllm = config["services"]["vllm"]
+    assert "--served-model-name=my-model" in vllm["command"]
+    assert config["services"]["llm-service"]["environment"]["LLM_MODEL"] == "my-model"
+
+
 def test_compose_parser_rejects_a_broken_file(tmp_path: Path) -> None:
     # Proves that the parser above validates against the schema.
     (tmp_path / "broken.yml").write_text("services:\n  a:\n    image: x\n    ports: 5\n")
