@@ -54,10 +54,6 @@ class CircuitBreaker:
             return self.retry_after() <= 0
         return not self._probing
 
-    def reset(self) -> None:
-        """Close the breaker: the engine has shown, outside any call, that it answers."""
-        self.record_success()
-
     def before_call(self) -> None:
         """Admit a call or raise `CircuitOpen`. An admitted call must end in exactly one of
         `record_success`, `record_failure` or `record_abandoned`."""

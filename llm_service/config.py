@@ -168,8 +168,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"{mask_url(url)!r} is not a URL ({exc})") from exc
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"{mask_url(url)!r}: must be an http:// or https:// URL")
-        if len(set(urls)) != len(urls):
-            raise ValueError("names the same URL twice")
+        if len({mask_url(url) for url in urls}) != len(urls):
+            raise ValueError("names the same URL twice (credentials aside)")
         return ",".join(urls)
 
     @field_validator("ollama_keep_alive")

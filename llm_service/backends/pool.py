@@ -31,6 +31,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from llm_service.backends.base import (
     ChatRequest,
     EngineStatus,
@@ -50,6 +52,8 @@ from llm_service.errors import (
     UpstreamUnavailable,
 )
 from llm_service.metrics import CIRCUIT_STATES, Telemetry, UpstreamGauges
+
+log = structlog.get_logger("llm_service.pool")
 
 PROBE_DEADLINE_S = 2.0
 
@@ -186,12 +190,15 @@ class EnginePool:
         attempts = rounds = 0
         tried: set[Upstream] = set()
         last: EngineError | None = None
+        transient = False  # one of this round's failures may pass if tried again later
         while True:
             upstream = self._next(request.affinity, tried)
+            if last is not None and loop.time() >= give_up_at:
+                raise last
             if upstream is None:  # every upstream tried, or none admits a call
                 if last is None:
                     raise self._all_open()
-                if not isinstance(last, UpstreamUnavailable) or attempts >= policy.attempts:
+                if not transient or attempts >= policy.attempts:
                     raise last
                 cap = min(policy.max_backoff_s, policy.backoff_s * 2**rounds)
                 wait = random.uniform(0, cap)
@@ -200,6 +207,7 @@ class EnginePool:
                 rounds += 1
                 await asyncio.sleep(wait)
                 tried.clear()
+                transient = False
                 continue
             tried.add(upstream)
             try:
@@ -211,6 +219,7 @@ class EnginePool:
                 attempts -= 1  # it never reached the engine
             except EngineError as exc:
                 last = exc
+                transient = transient or isinstance(exc, UpstreamUnavailable)
                 if not _fails_over(exc) or attempts >= policy.attempts:
                     raise
 
@@ -261,16 +270,20 @@ class EnginePool:
             status = EngineStatus(
                 reachable=False, detail=f"{upstream.label} did not answer within 2 s"
             )
+        # A probe only says whether to route to the engine at all. Its breaker, opened by failed
+        # chats, recovers through a chat of its own (after CIRCUIT_BREAKER_RECOVERY_TIMEOUT): an
+        # engine can answer a probe and fail every chat (out of GPU memory, say).
         upstream.healthy = status.reachable and status.model_available is not False
         upstream.detail = status.detail
-        if upstream.healthy and upstream.breaker.state == "open":
-            upstream.breaker.reset()  # it answers again: let it rejoin now
         return status
 
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(self._probe_interval_s)
-            await self.probe()
+            try:
+                await self.probe()
+            except Exception:  # the background task's boundary: probing must go on
+                log.exception("upstream_probe_failed")
 
     def all_open(self) -> bool:
         return all(u.breaker.state == "open" for u in self.upstreams)
