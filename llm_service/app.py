@@ -30,8 +30,10 @@ from llm_service.conversation import SessionConfig, TurnLimits
 from llm_service.health import EngineHealth
 from llm_service.hub import Hub
 from llm_service.metrics import Telemetry
+from llm_service.registry import SessionRegistry
 from llm_service.security import Access, AuthThrottle
 from llm_service.service import Service
+from llm_service.sessions import open_store
 from llm_service.web import router as web_router
 from llm_service.ws import router as ws_router
 
@@ -135,6 +137,12 @@ def create_app(settings: Settings, backend_factory: BackendFactory = open_backen
                 settings.llm_max_connections_per_client,
                 settings.llm_shutdown_grace_s,
             )
+            store = await open_store(settings)
+            stack.push_async_callback(store.aclose)
+            sessions = SessionRegistry(service, store)
+            await sessions.start()
+            stack.push_async_callback(sessions.aclose)  # before the store closes
+            app.state.sessions = sessions
             if service.access.open:
                 log.warning(
                     "access_open",
@@ -158,7 +166,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory = open_backen
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        code, body = await health_report(_service(request))
+        code, body = await health_report(_service(request), request.app.state.sessions)
         return JSONResponse(body, status_code=code)
 
     @app.get("/stats")
@@ -204,13 +212,15 @@ def create_monitoring_app(main_app: FastAPI) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        _, body = await health_report(service())
+        _, body = await health_report(service(), getattr(main_app.state, "sessions", None))
         return body
 
     return app
 
 
-async def health_report(service: Service) -> tuple[int, dict[str, Any]]:
+async def health_report(
+    service: Service, sessions: SessionRegistry | None = None
+) -> tuple[int, dict[str, Any]]:
     """`/health`'s status code and body."""
     engine = await service.health.current()
     if not engine.reachable:
@@ -242,6 +252,10 @@ async def health_report(service: Service) -> tuple[int, dict[str, Any]]:
         "version": __version__,
         "uptime_s": round(time.monotonic() - service.started_at, 1),
     }
+    if sessions is not None:
+        # a store that fails is said here, not in `status`: sessions go on from memory, and a
+        # load balancer must not pull every replica because Redis is down
+        body["session_store"] = sessions.status()
     return (200 if status == "healthy" else 503), body
 
 

@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = ""
     llm_api_docs: bool = False
 
+    # Sessions that outlive a socket
+    llm_session_store: str = "memory"
+    llm_session_ttl_s: float = Field(900.0, gt=0)
+    llm_resume_grace_s: float = Field(0.0, ge=0)
+    llm_resume_buffer_frames: int = Field(4096, ge=16)
+
     # Access control and abuse limits (0 turns a limit off)
     llm_api_key: SecretStr | None = None
     llm_allowed_origins: str = ""
@@ -172,6 +178,19 @@ class Settings(BaseSettings):
             raise ValueError("names the same URL twice (credentials aside)")
         return ",".join(urls)
 
+    @field_validator("llm_session_store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        value = value.strip()
+        if value == "memory":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme == "sqlite" and parts.path not in ("", "/") and not parts.netloc:
+            return value
+        if parts.scheme in ("redis", "rediss", "unix") and (parts.hostname or parts.path):
+            return value
+        raise ValueError("must be memory, sqlite:///path/to/sessions.db or redis://host:6379/0")
+
     @field_validator("ollama_keep_alive")
     @classmethod
     def _duration(cls, value: str) -> str:
@@ -205,6 +224,13 @@ class Settings(BaseSettings):
         """OPENAI_BASE_URL's URLs: one engine, or the pool of several."""
         return tuple(self.openai_base_url.split(","))
 
+    def sqlite_path(self) -> Path | None:
+        """LLM_SESSION_STORE's file when it is SQLite. As in SQLAlchemy's URLs, the part after
+        `sqlite:///` is the path: `sqlite:///sessions.db` is relative to the working
+        directory, `sqlite:////var/lib/fasttalk/sessions.db` absolute."""
+        parts = urlsplit(self.llm_session_store)
+        return Path(parts.path[1:]) if parts.scheme == "sqlite" else None
+
     def api_keys(self) -> tuple[str, ...]:
         """The accepted API keys (LLM_API_KEY, comma-separated); empty when access is open."""
         if self.llm_api_key is None:
@@ -224,7 +250,7 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 text = MASK
-            elif name.endswith("_url"):
+            elif name.endswith("_url") or name == "llm_session_store":
                 text = ",".join(mask_url(url) for url in value.split(","))
             else:
                 text = "" if value is None else str(value)
@@ -246,7 +272,7 @@ def load_settings(**overrides: Any) -> Settings:
             where = ".".join(str(part) for part in err["loc"]).upper()
             given = err.get("input")
             hide = where in ("", *secret) or isinstance(given, dict)
-            if where.endswith("_URL") and isinstance(given, str):
+            if isinstance(given, str) and "://" in given:
                 given = ",".join(mask_url(url) for url in given.split(","))
             shown = "" if hide else f" (got {given!r})"
             message = err["msg"].removeprefix("Value error, ")

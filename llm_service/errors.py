@@ -18,6 +18,8 @@ is a `StartupError`: one message naming the variable or the port, and exit statu
     │   ├── RateLimited                  rate_limited (with retry_after_ms)
     │   ├── GenerationInProgress         generation_in_progress
     │   ├── ContextOverflow              context_overflow
+    │   ├── SessionNotFound              session_not_found (wrong token, unknown, expired, ended)
+    │   ├── ResumeGap                    resume_gap (frames after last_seq are no longer held)
     │   ├── MaxConnections               max_connections (closes the socket with 1013)
     │   ├── MaxConnectionsPerClient      max_connections_per_client (closes with 1013)
     │   ├── Unauthorized                 unauthorized (HTTP 401 at the handshake)
@@ -101,6 +103,17 @@ class GenerationInProgress(ClientError):
 
 class ContextOverflow(ClientError):
     code = "context_overflow"
+
+
+class SessionNotFound(ClientError):
+    """One answer for a wrong token and for a session that is unknown, expired or ended, so
+    that nobody can probe which sessions exist."""
+
+    code = "session_not_found"
+
+
+class ResumeGap(ClientError):
+    code = "resume_gap"
 
 
 class MaxConnections(ClientError):

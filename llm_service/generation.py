@@ -1,10 +1,13 @@
-"""A connection's reply in flight: `Generation`, one task streaming one turn to the socket.
+"""A session's reply in flight: `Generation`, one task streaming one turn.
 
 The task reads the turn's stream (`Conversation`'s `Turn.stream()`, which closes the engine
-request when it is closed) and sends each chunk as a token frame, then `response_complete`.
-Each token frame's send is watched by a `timing.Deadline` (`LLM_SEND_TIMEOUT_S`): a client
-that stops reading trips `on_not_reading`, and the connection ends. A failure ends the turn
-with an error frame, never the connection. `cancel` (and a disconnect, through `stop`)
+request when it is closed), numbers each chunk as a token frame of its session, keeps it in
+the session's frame log and sends it to the attached socket, then `response_complete`. With
+no socket attached (a client gone within `LLM_RESUME_GRACE_S`) the frames go to the log only,
+until the client is further behind than the log holds: then the reply stops. Each send to a
+socket is watched by a `timing.Deadline` (`LLM_SEND_TIMEOUT_S`): a client that stops reading
+is told so through its socket, which ends the connection. A failure ends the turn with an
+error frame, never the session. `cancel` (and a disconnect with no grace, through `stop`)
 cancels the task and waits until the engine request is closed; a task already closing its
 stream is waited for, never cancelled halfway.
 """
@@ -13,17 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import aclosing
+from typing import Any, Protocol
 
 import structlog
-from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from llm_service import protocol
 from llm_service.conversation import Turn
 from llm_service.errors import GenerationInProgress, InternalError, ServiceError
 from llm_service.service import Service
+from llm_service.sessions.framelog import FrameLog
+from llm_service.sessions.store import Frame
 from llm_service.timing import Deadline
 
 log = structlog.get_logger("llm_service.ws")
@@ -32,24 +37,54 @@ GONE = (WebSocketDisconnect, WebSocketDisconnected)  # what a send to a closed s
 _UNWIND_LIMIT_S = 5.0
 
 
-class Generation:
-    """A connection's reply in flight; `on_ended` is called when a reply ends, however it
-    ends, and `on_fatal` after an error that leaves the socket of no use."""
+class Socket(Protocol):
+    """What a session needs of the connection it is attached to."""
 
-    def __init__(
-        self,
-        websocket: WebSocket,
-        service: Service,
-        on_ended: Callable[[], None],
-        on_not_reading: Callable[[], None],
-        on_fatal: Callable[[ServiceError], None],
-    ) -> None:
-        self._ws = websocket
+    async def send_text(self, text: str) -> None: ...
+
+    def reply_ended(self) -> None:
+        """The session's reply ended (the connection's idle clock starts, a drain goes on)."""
+
+    def not_reading(self) -> None:
+        """A send was blocked past LLM_SEND_TIMEOUT_S: the client has stopped reading."""
+
+    def failed_for_good(self, error: ServiceError) -> None:
+        """An error that no further turn on this socket can get past."""
+
+    def taken_over(self) -> None:
+        """The session was resumed on another socket: close this one (1000, "resumed")."""
+
+
+class Streamed(Protocol):
+    """What a reply needs of its session (registry.Session)."""
+
+    log: FrameLog
+    outbox: list[Frame]
+    socket: Socket | None
+    live: bool
+    shared: bool
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
+
+    def publish_soon(self) -> None: ...
+
+    async def send(self, build: Callable[..., str], *args: Any) -> int: ...
+
+    def lost(self) -> None: ...
+
+    def overflowing(self) -> bool: ...
+
+    def reply_ended(self) -> None: ...
+
+
+class Generation:
+    """A session's reply in flight."""
+
+    def __init__(self, session: Streamed, service: Service) -> None:
+        self._session = session
         self._telemetry = service.telemetry
         self._send_timeout_s = service.settings.llm_send_timeout_s
-        self._on_ended = on_ended
-        self._on_fatal = on_fatal
-        self._sends = Deadline(asyncio.get_running_loop(), on_not_reading)
+        self._sends = Deadline(asyncio.get_running_loop(), self._not_reading)
         self.task: asyncio.Task[None] | None = None
         self.turn: Turn | None = None
         self._unwinding = False  # the task is closing its stream
@@ -62,24 +97,41 @@ class Generation:
         if self.busy:
             raise GenerationInProgress("a reply is still streaming; send cancel first")
 
-    def start(self, group: asyncio.TaskGroup, turn: Turn) -> None:
+    def start(self, turn: Turn) -> None:
         self.turn, self._unwinding = turn, False
-        self.task = group.create_task(self._stream(turn))
+        self.task = self._session.spawn(self._stream(turn))
 
     async def _stream(self, turn: Turn) -> None:
-        """Stream one reply to the client; errors end the turn, never the connection."""
-        send, sends, token = self._ws.send_text, self._sends, protocol.token
+        """Stream one reply; errors end the turn, never the session."""
+        session, sends, token = self._session, self._sends, protocol.token
+        frames, shared = session.log, session.shared
         limit = self._send_timeout_s
         try:
             async with aclosing(turn.stream()) as stream:
                 try:
                     async for item in stream:
                         if isinstance(item, str):
-                            sends.start(limit)
-                            await send(token(item))
-                            sends.stop()
+                            seq = frames.next()
+                            text = token(seq, item)
+                            frames.keep(seq, text)
+                            if shared:
+                                session.outbox.append((seq, text))
+                                session.publish_soon()
+                            socket = session.socket
+                            if socket is not None and session.live:
+                                sends.start(limit)
+                                try:
+                                    await socket.send_text(text)
+                                except GONE:
+                                    session.lost()
+                                else:
+                                    frames.delivered = seq
+                                sends.stop()
+                            elif session.overflowing():
+                                log.info("resume_buffer_full", frames=frames.undelivered())
+                                break  # the client would miss frames: stop (interrupted)
                         else:
-                            await send(protocol.response_complete(item))
+                            await self._send(protocol.response_complete, item)
                             log.info("turn_completed", tokens=item.tokens_generated)
                 except BaseException:
                     self._unwinding = True  # the stream is closing: let that finish
@@ -88,22 +140,32 @@ class Generation:
             cause = None if exc.__cause__ is None else repr(exc.__cause__)
             log.warning("turn_failed", code=exc.code, error=exc.message, cause=cause)
             await self.send_error(exc)
-            if not exc.recoverable:
-                self._on_fatal(exc)  # no turn on this socket can succeed: end it
-        except GONE:
-            return
+            socket = session.socket
+            if not exc.recoverable and socket is not None:
+                socket.failed_for_good(exc)  # no turn on this socket can succeed: end it
         except Exception as exc:  # the boundary: a bug ends the turn with a frame, not the socket
             log.exception("turn_crashed")
             await self.send_error(InternalError(f"internal error: {type(exc).__name__}"))
         finally:
             sends.stop()
-            self._on_ended()
+            session.reply_ended()
+
+    def _not_reading(self) -> None:
+        socket = self._session.socket
+        if socket is not None:
+            socket.not_reading()
+
+    async def _send(self, build: Callable[..., str], *args: object) -> None:
+        try:
+            await self._session.send(build, *args)
+        except GONE:
+            self._session.lost()
 
     async def cancel(self) -> None:
         """Answer `cancel`: stop the reply, then say so, with what was sent."""
         turn = self.turn
         if not self.busy or turn is None:
-            await self._ws.send_text(protocol.cancelled(None))
+            await self._session.send(protocol.cancelled, None)
             return
         started = time.perf_counter()
         sent_when_read = len(turn.parts)
@@ -111,7 +173,7 @@ class Generation:
         self._telemetry.cancel_latency.observe(time.perf_counter() - started)
         log.info("turn_cancelled", sent_tokens=len(turn.parts))
         after = len(turn.parts) - sent_when_read  # frames sent after the cancel was read
-        await self._ws.send_text(protocol.cancelled(turn.stats(), after))
+        await self._session.send(protocol.cancelled, turn.stats(), after)
 
     async def stop(self) -> None:
         """Cancel the task, if any, and wait until its upstream stream is closed.
@@ -134,4 +196,4 @@ class Generation:
 
     async def send_error(self, exc: ServiceError) -> None:
         self._telemetry.error(exc.code)
-        await self._ws.send_text(protocol.error(exc))
+        await self._send(protocol.error, exc)

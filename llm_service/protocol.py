@@ -72,14 +72,22 @@ class GetHistory:
     pass
 
 
-ClientFrame = StartSession | UserMessage | Cancel | EndSession | GetHistory
+@dataclass(frozen=True, slots=True)
+class Resume:
+    session_id: str
+    resume_token: str
+    last_seq: int  # the last seq the client saw; -1: none
+
+
+ClientFrame = StartSession | UserMessage | Cancel | EndSession | GetHistory | Resume
 
 _SIMPLE: dict[str, ClientFrame] = {
     "cancel": Cancel(),
     "end_session": EndSession(),
     "get_history": GetHistory(),
 }
-KNOWN_TYPES = ("start_session", "user_message", *_SIMPLE)
+KNOWN_TYPES = ("start_session", "user_message", "resume", *_SIMPLE)
+_MAX_ID = 128
 _SAMPLING = SamplingParams.names()
 
 
@@ -105,6 +113,8 @@ def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
         return UserMessage(body)
     if kind == "start_session":
         return _parse_config(data.get("config"))
+    if kind == "resume":
+        return _parse_resume(data)
     simple = _SIMPLE.get(kind)
     if simple is None:
         raise InvalidMessage(
@@ -127,6 +137,17 @@ def _parse_config(raw: Any) -> StartSession:
     return StartSession(config, ignored[:32])
 
 
+def _parse_resume(data: dict[str, Any]) -> Resume:
+    session_id, token, last_seq = (data.get(k) for k in ("session_id", "resume_token", "last_seq"))
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= _MAX_ID:
+        raise InvalidMessage("resume needs a string field 'session_id'")
+    if not isinstance(token, str) or not 0 < len(token) <= _MAX_ID:
+        raise InvalidMessage("resume needs a string field 'resume_token'")
+    if type(last_seq) is not int or not -1 <= last_seq < 2**53:
+        raise InvalidMessage("resume needs an integer field 'last_seq' (-1 when none was seen)")
+    return Resume(session_id, token, last_seq)
+
+
 def _json_kind(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
@@ -142,55 +163,78 @@ def _json_kind(value: Any) -> str:
 
 
 # ---- server frames ------------------------------------------------------------------------
+# Each takes the frame's `seq` first (None only for a refusal before any session exists).
 
 
-def _encode(frame: dict[str, Any]) -> str:
+def _encode(frame: dict[str, Any], seq: int | None) -> str:
+    if seq is not None:
+        frame["seq"] = seq
     return orjson.dumps(frame).decode()
 
 
-def token(text: str) -> str:
-    return orjson.dumps({"type": "token", "data": text}).decode()
+def token(seq: int, text: str) -> str:
+    return orjson.dumps({"type": "token", "data": text, "seq": seq}).decode()
 
 
-def session_started(session_id: str) -> str:
-    return _encode({"type": "session_started", "session_id": session_id})
+def session_started(seq: int, session_id: str, resume_token: str) -> str:
+    frame = {"type": "session_started", "session_id": session_id, "resume_token": resume_token}
+    return _encode(frame, seq)
 
 
-def session_configured(session_id: str, config: SessionConfig, ignored: Sequence[str]) -> str:
-    return _encode(
-        {
-            "type": "session_configured",
-            "session_id": session_id,
-            "config": config_body(config),
-            "ignored_fields": list(ignored),
-        }
-    )
+def session_resumed(session_id: str, last: int, replayed: int, generating: bool) -> str:
+    """Not itself a frame of the session's stream: `seq` says where the replay ends."""
+    frame = {
+        "type": "session_resumed",
+        "session_id": session_id,
+        "seq": last,
+        "replayed": replayed,
+        "generating": generating,
+    }
+    return orjson.dumps(frame).decode()
 
 
-def response_complete(stats: TurnStats) -> str:
-    return _encode({"type": "response_complete", "stats": stats_body(stats)})
+def session_configured(
+    seq: int, session_id: str, config: SessionConfig, ignored: Sequence[str]
+) -> str:
+    frame = {
+        "type": "session_configured",
+        "session_id": session_id,
+        "config": config_body(config),
+        "ignored_fields": list(ignored),
+    }
+    return _encode(frame, seq)
 
 
-def cancelled(stats: TurnStats | None, frames_after_cancel: int = 0) -> str:
+def response_complete(seq: int, stats: TurnStats) -> str:
+    return _encode({"type": "response_complete", "stats": stats_body(stats)}, seq)
+
+
+def cancelled(seq: int, stats: TurnStats | None, frames_after_cancel: int = 0) -> str:
     """`cancelled`: with the stopped turn's stats, or `success: false` when none ran."""
     if stats is None:
-        return _encode({"type": "cancelled", "success": False})
+        return _encode({"type": "cancelled", "success": False}, seq)
     body = stats_body(stats)
     # the promise: at most one more token frame once the cancel was read
     body["token_frames_after_cancel"] = frames_after_cancel
-    return _encode({"type": "cancelled", "success": True, "stats": body})
+    return _encode({"type": "cancelled", "success": True, "stats": body}, seq)
 
 
-def session_ended(session_id: str, summary: SessionSummary) -> str:
-    return _encode({"type": "session_ended", "session_id": session_id, "stats": asdict(summary)})
+def session_ended(seq: int, session_id: str, summary: SessionSummary) -> str:
+    frame = {"type": "session_ended", "session_id": session_id, "stats": asdict(summary)}
+    return _encode(frame, seq)
 
 
-def history(session_id: str, entries: Sequence[Entry]) -> str:
-    return _encode({"type": "history", "session_id": session_id, "messages": messages(entries)})
+def history(seq: int, session_id: str, entries: Sequence[Entry]) -> str:
+    frame = {"type": "history", "session_id": session_id, "messages": messages(entries)}
+    return _encode(frame, seq)
 
 
-def error(exc: ServiceError) -> str:
-    return _encode({"type": "error", "error": error_body(exc)})
+def error(seq: int | None, exc: ServiceError) -> str:
+    return _encode({"type": "error", "error": error_body(exc)}, seq)
+
+
+# The frame types that end a turn: what a replica following another's reply waits for.
+TURN_ENDS = frozenset({"response_complete", "cancelled", "error"})
 
 
 def http_refusal(exc: ServiceError) -> JSONResponse:

@@ -25,8 +25,8 @@ import structlog
 from fastapi import APIRouter, WebSocket
 
 from llm_service import protocol
-from llm_service.conversation import Conversation, new_session_id
 from llm_service.errors import (
+    GenerationInProgress,
     InternalError,
     InvalidMessage,
     ServiceError,
@@ -34,10 +34,10 @@ from llm_service.errors import (
     SessionIdleTimeout,
 )
 from llm_service.generation import GONE as _GONE
-from llm_service.generation import Generation
 from llm_service.hub import Hub
 from llm_service.metrics import Telemetry
-from llm_service.protocol import Cancel, EndSession, GetHistory, StartSession, UserMessage
+from llm_service.protocol import Cancel, EndSession, GetHistory, Resume, StartSession, UserMessage
+from llm_service.registry import SessionRegistry, resume_gap
 from llm_service.security import chosen_subprotocol
 from llm_service.service import Service
 from llm_service.timing import Deadline
@@ -89,13 +89,11 @@ async def llm_socket(websocket: WebSocket) -> None:
     if refusal is not None:
         await _refuse(websocket, telemetry, refusal)
         return
-    connection = Connection(websocket, service)
+    registry: SessionRegistry = websocket.app.state.sessions
+    connection = Connection(websocket, service, registry)
     telemetry.connection_opened()
     try:
-        with (
-            hub.attached(connection, client),
-            structlog.contextvars.bound_contextvars(session_id=connection.conversation.session_id),
-        ):
+        with hub.attached(connection, client):
             await connection.run()
     finally:
         telemetry.connection_closed()
@@ -106,46 +104,46 @@ async def _refuse(websocket: WebSocket, telemetry: Telemetry, error: ServiceErro
     telemetry.connection_rejected(error.code)
     telemetry.error(error.code)
     try:
-        await websocket.send_text(protocol.error(error))
+        await websocket.send_text(protocol.error(None, error))
         await websocket.close(error.close_code or CLOSE_POLICY, error.code)
     except _GONE:
         pass
 
 
 class Connection:
-    """One client socket: its session, its receive loop, and how it ends."""
+    """One client socket: the session it is attached to, its receive loop, how it ends."""
 
-    def __init__(self, websocket: WebSocket, service: Service) -> None:
+    def __init__(self, websocket: WebSocket, service: Service, registry: SessionRegistry):
         self.ws = websocket
         self.settings = service.settings
         self.telemetry = service.telemetry
         self.default_config = service.default_config
-        self.conversation = Conversation(
-            session_id=new_session_id(),
-            config=service.default_config,
-            backend=service.backend,
-            context_window=service.context_window,
-            telemetry=service.telemetry,
-            limits=service.turn_limits,
-        )
+        self.registry = registry
+        self.session, self._token = registry.create()
         self.ending: Ending | None = None
+        self._frames_read = 0
         self._draining: ServiceShuttingDown | None = None
         self._receiver: asyncio.Task[str] | None = None
         self._idle = Deadline(asyncio.get_running_loop(), self._idled)
-        self.reply = Generation(
-            websocket, service, self._reply_ended, self._not_reading, self._failed_for_good
-        )
+
+    async def send_text(self, text: str) -> None:
+        await self.ws.send_text(text)
 
     async def run(self) -> None:
         self.telemetry.session_started()
         started = time.monotonic()
-        log.info("session_started", client=_client(self.ws))
+        session = self.session
+        session.attach(self)
+        session.go_live()
         reason = "disconnect"
         try:
-            await self.ws.send_text(protocol.session_started(self.conversation.session_id))
+            with structlog.contextvars.bound_contextvars(session_id=session.id):
+                log.info("session_started", client=_client(self.ws))
+            await session.send(protocol.session_started, session.id, self._token)
+            del self._token  # sent once; only its hash is kept
             if self.ending is None:  # (a drain may have begun meanwhile)
                 async with asyncio.TaskGroup() as group:
-                    self._receiver = group.create_task(self.receive_loop(group))
+                    self._receiver = group.create_task(self.receive_loop())
                 reason = self._receiver.result() if not self._receiver.cancelled() else "ended"
             if self.ending is not None:
                 reason = self.ending.reason
@@ -153,73 +151,133 @@ class Connection:
         except _GONE:
             pass
         finally:
-            self.reply.close()
             self._idle.close()
             self.telemetry.session_ended()
-            log.info(
-                "session_closed",
-                reason=reason,
-                turns=self.conversation.turns,
-                duration_s=round(time.monotonic() - started, 3),
-            )
+            with structlog.contextvars.bound_contextvars(session_id=self.session.id):
+                log.info(
+                    "session_closed",
+                    reason=reason,
+                    turns=self.session.conversation.turns,
+                    duration_s=round(time.monotonic() - started, 3),
+                )
 
-    async def receive_loop(self, group: asyncio.TaskGroup) -> str:
+    async def receive_loop(self) -> str:
         idle_s = self.settings.llm_session_idle_timeout_s
         try:
             while True:
-                if idle_s and not self.reply.busy:
+                if idle_s and not self.session.generating:
                     self._idle.start(idle_s)  # a reply streaming is not idleness
                 message = await self.ws.receive()
                 self._idle.stop()
                 if message["type"] == "websocket.disconnect":
                     return "disconnect"
+                self._frames_read += 1
                 try:
                     text = message.get("text")
                     if text is None:
                         raise InvalidMessage("binary frames are not accepted; send JSON text")
                     frame = protocol.parse_client_frame(text, self.settings.llm_max_message_bytes)
-                    if await self.handle(frame, group):
-                        return "end_session"
+                    with structlog.contextvars.bound_contextvars(session_id=self.session.id):
+                        if await self.handle(frame):
+                            return "end_session"
                 except ServiceError as exc:
-                    await self.reply.send_error(exc)
+                    await self.send_error(exc)
                 except _GONE:
                     return "disconnect"
                 except Exception as exc:  # the boundary: a bug must not end the connection
                     log.exception("frame_handling_failed")
-                    await self.reply.send_error(
-                        InternalError(f"internal error: {type(exc).__name__}")
-                    )
+                    await self.send_error(InternalError(f"internal error: {type(exc).__name__}"))
         finally:
-            await self.reply.stop()
+            await self.session.detach(self)
 
-    async def handle(self, frame: protocol.ClientFrame, group: asyncio.TaskGroup) -> bool:
+    async def handle(self, frame: protocol.ClientFrame) -> bool:
         """Answer one frame; True when the session is over."""
-        conv, send = self.conversation, self.ws.send_text
+        session = self.session
+        conv, reply, send = session.conversation, session.reply, session.send
         match frame:
             case UserMessage(text=text):
-                self.reply.refuse_if_busy()
-                self.reply.start(group, conv.start_turn(text))
+                self._refuse_if_busy()
+                reply.start(conv.start_turn(text))
+                self.registry.save_soon(session, detached=False)
             case Cancel():
-                await self.reply.cancel()
+                await reply.cancel()
             case StartSession():
-                self.reply.refuse_if_busy()
+                self._refuse_if_busy()
                 prompt, sampling = frame.changes()
                 config = self.default_config.updated(prompt, sampling, conv.context_window)
                 conv.reset(config)
-                await send(protocol.session_configured(conv.session_id, config, frame.ignored))
+                await send(protocol.session_configured, conv.session_id, config, frame.ignored)
+                self.registry.save_soon(session, detached=False)
             case GetHistory():
-                await send(protocol.history(conv.session_id, conv.messages()))
+                await send(protocol.history, conv.session_id, conv.messages())
             case EndSession():
-                await self.reply.stop()
-                await send(protocol.session_ended(conv.session_id, conv.summary()))
+                await self.registry.end(session)
+                await send(protocol.session_ended, conv.session_id, conv.summary())
                 await self.ws.close(CLOSE_NORMAL)
                 return True
+            case Resume():
+                await self._resume(frame)
         return False
+
+    def _refuse_if_busy(self) -> None:
+        if self.session.generating:
+            raise GenerationInProgress("a reply is still streaming; send cancel first")
+
+    async def _resume(self, frame: Resume) -> None:
+        """Attach the session `frame` names to this socket, and replay what its client
+        missed with the frames' own numbers; then the frames go on live."""
+        if self._frames_read > 1:
+            raise InvalidMessage("resume must be the first frame on a new connection")
+        target, frames = await self.registry.resume(
+            frame.session_id, frame.resume_token, frame.last_seq
+        )
+        fresh, self.session = self.session, target
+        self.registry.forget(fresh)
+        target.attach(self)
+        replay = frames or []
+        last = replay[-1][0] if replay else max(frame.last_seq, 0)
+        await self.ws.send_text(
+            protocol.session_resumed(target.id, last, len(replay), target.generating)
+        )
+        for seq, text in replay:
+            await self.ws.send_text(text)
+            target.log.delivered = seq
+        while more := target.log.after(last):  # what came while the replay was sent
+            for seq, text in more:
+                await self.ws.send_text(text)
+                target.log.delivered = last = seq
+        target.go_live()  # no await since the last check: nothing can slip in between
+        log.info("session_resumed", replayed=len(replay), gap=frames is None)
+        if frames is None:
+            await self.send_error(resume_gap(frame.last_seq))
+
+    # -- the session's socket (registry.Socket) ---------------------------------------------
+
+    def reply_ended(self) -> None:
+        idle_s = self.settings.llm_session_idle_timeout_s
+        if idle_s:
+            self._idle.start(idle_s)  # the receive loop is waiting: idleness starts now
+        if self._draining is not None:
+            self.end(self._draining)
+
+    def not_reading(self) -> None:
+        limit = self.settings.llm_send_timeout_s
+        log.warning("client_not_reading", blocked_s=limit)
+        self.telemetry.connection_rejected("send_timeout")
+        self._end(Ending(CLOSE_POLICY, f"client not reading for {limit:g} s"))
+
+    def failed_for_good(self, error: ServiceError) -> None:
+        self._end(Ending(error.close_code or 1011, error.code))  # its frame is already sent
+
+    def taken_over(self) -> None:
+        self._end(Ending(CLOSE_NORMAL, "resumed"))
+
+    # -- how it ends --------------------------------------------------------------------------
 
     def begin_drain(self, error: ServiceShuttingDown) -> None:
         """The service is shutting down: end now if idle, else once the reply in flight ends."""
         self._draining = error
-        if not self.reply.busy:
+        if not self.session.generating:
             self.end(error)
 
     def end(self, error: ServiceError) -> None:
@@ -232,38 +290,25 @@ class Connection:
         if self._receiver is not None:
             self._receiver.cancel()
 
-    def _reply_ended(self) -> None:
-        idle_s = self.settings.llm_session_idle_timeout_s
-        if idle_s:
-            self._idle.start(idle_s)  # the receive loop is waiting: idleness starts now
-        if self._draining is not None:
-            self.end(self._draining)
-
-    def _failed_for_good(self, error: ServiceError) -> None:
-        self._end(Ending(error.close_code or 1011, error.code))  # its frame is already sent
-
     def _idled(self) -> None:
         idle_s = self.settings.llm_session_idle_timeout_s
-        message = (
-            f"no activity for {idle_s:g} s; the session is closed (LLM_SESSION_IDLE_TIMEOUT_S)"
-        )
+        message = f"no activity for {idle_s:g} s; the socket is closed (LLM_SESSION_IDLE_TIMEOUT_S)"
         self.end(SessionIdleTimeout(message))
-
-    def _not_reading(self) -> None:
-        limit = self.settings.llm_send_timeout_s
-        log.warning("client_not_reading", blocked_s=limit)
-        self.telemetry.connection_rejected("send_timeout")
-        self._end(Ending(CLOSE_POLICY, f"client not reading for {limit:g} s"))
 
     async def _close(self, ending: Ending) -> None:
         # A client that stopped reading blocks every send, the close frame too: bound them.
         try:
             async with asyncio.timeout(self.settings.llm_send_timeout_s):
                 if ending.error is not None:
-                    await self.reply.send_error(ending.error)
+                    self.telemetry.error(ending.error.code)
+                    await self.session.send_last(self, protocol.error, ending.error)
                 await self.ws.close(ending.code, ending.reason[:120])
         except TimeoutError:
             log.warning("close_not_delivered", code=ending.code)
+
+    async def send_error(self, exc: ServiceError) -> None:
+        self.telemetry.error(exc.code)
+        await self.session.send(protocol.error, exc)
 
 
 def _client(ws: WebSocket) -> str:

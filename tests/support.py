@@ -110,10 +110,23 @@ async def running_service(
 
 
 class Client:
-    """A WebSocket client that speaks frames as dicts."""
+    """A WebSocket client that speaks frames as dicts.
+
+    Every frame of a session carries `seq`, one more than the frame before it: `recv` checks
+    that (a frame missing, doubled or out of order fails the test that reads it), keeps the
+    numbers in `seqs`, and hands the frame over without it, so tests compare frames as the
+    seed shaped them. `session_resumed` carries where a replay ends instead; the numbering
+    then goes on from the client's own `last_seq`.
+    """
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        self.seqs: list[int] = []
+        self.resume_token: str | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self.seqs[-1] if self.seqs else -1
 
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
         raw = frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode()
@@ -122,6 +135,14 @@ class Client:
     async def recv(self, limit: float = RECV_TIMEOUT) -> dict[str, Any]:
         raw = await asyncio.wait_for(self.ws.recv(), limit)
         frame: dict[str, Any] = orjson.loads(raw)
+        if frame.get("type") == "session_resumed":
+            return frame
+        seq = frame.pop("seq", None)
+        if seq is not None:
+            assert seq == self.last_seq + 1, f"seq {seq} after {self.last_seq}: {frame}"
+            self.seqs.append(seq)
+        if frame.get("type") == "session_started":
+            self.resume_token = frame.pop("resume_token")
         return frame
 
     async def recv_until(
