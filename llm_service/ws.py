@@ -235,7 +235,9 @@ class Connection:
         self.registry.forget(fresh)
         target.attach(self)
         replay = frames or []
-        last = replay[-1][0] if replay else max(frame.last_seq, 0)
+        last = target.log.last  # the replay covers (last_seq, last]; later frames come live
+        if replay:
+            last = replay[-1][0]
         await self.ws.send_text(
             protocol.session_resumed(target.id, last, len(replay), target.generating)
         )

@@ -123,6 +123,7 @@ class Client:
         self.ws = ws
         self.seqs: list[int] = []
         self.resume_token: str | None = None
+        self.session_id: str | None = None
 
     @property
     def last_seq(self) -> int:
@@ -158,11 +159,30 @@ class Client:
                 if frame["type"] in kinds:
                     return frames
 
+    async def resume(self, session_id: str, token: str, last_seq: int) -> dict[str, Any]:
+        """Send `resume` as the first frame; return the answer (`session_resumed`, or the
+        error). Once resumed, the numbering this client checks goes on from `last_seq`."""
+        await self.send(
+            {
+                "type": "resume",
+                "session_id": session_id,
+                "resume_token": token,
+                "last_seq": last_seq,
+            }
+        )
+        answer = await self.recv()
+        if answer["type"] == "session_resumed":
+            # the replay covers (seq - replayed, seq], and the live frames follow it
+            start = answer["seq"] - answer["replayed"]
+            self.seqs = [start] if start >= 0 else []
+        return answer
+
     async def start(self) -> str:
         """Read `session_started`; return the session id."""
         frame = await self.recv()
         assert frame["type"] == "session_started"
-        return str(frame["session_id"])
+        self.session_id = str(frame["session_id"])
+        return self.session_id
 
     async def turn(self, text: str, limit: float = RECV_TIMEOUT) -> list[dict[str, Any]]:
         await self.send({"type": "user_message", "text": text})

@@ -15,7 +15,7 @@ from llm_service.server import FRAME_MARGIN_BYTES
 from tests.fakes.ollama import FakeOllama, Reply
 from tests.support import Client, RunningService, tokens_of
 
-KNOWN = ["start_session", "user_message", "cancel", "end_session", "get_history"]
+KNOWN = ["start_session", "user_message", "cancel", "end_session", "get_history", "resume"]
 # Answers that close the exchange for one client frame.
 FINAL = {
     "error",
@@ -60,6 +60,9 @@ frame_objects = st.fixed_dictionaries(
     optional={
         "text": json_values | st.text(max_size=200),
         "config": config_values | json_values,
+        "session_id": json_values | st.uuids().map(str),
+        "resume_token": json_values | st.text(max_size=60),
+        "last_seq": json_values | st.integers(-5, 10**6),
         "extra": json_values,
     },
 )
@@ -128,6 +131,7 @@ async def test_random_frames_are_answered_and_a_neighbour_is_unaffected(
                 "message_too_large",
                 "context_overflow",
                 "generation_in_progress",
+                "session_not_found",
             }, last
             assert last["error"]["recoverable"] is True
         if last["type"] == "session_ended":
