@@ -1,10 +1,16 @@
-"""A fast fake Ollama for the benchmarks, run as its own process so its CPU stays out of the
+"""A fast fake engine for the benchmarks, run as its own process so its CPU stays out of the
 measured ones: `python bench/fake_upstream.py --port P`.
 
 It speaks `/api/chat` as Ollama does (HTTP/1.1, chunked NDJSON, one line per token, then the
 final `{"done": true, "done_reason": "stop", "eval_count": N, ...}` line), plus `/`,
-`/api/version` and `/api/tags` (listing `llama3.2:1b`) for the service's health probe. It is a
-raw asyncio protocol on uvloop with httptools parsing, so a token costs it a few microseconds.
+`/api/version` and `/api/tags` (listing `llama3.2:1b`) for the service's health probe. It also
+speaks the OpenAI-compatible API as vLLM does: `GET /v1/models` and `POST /v1/chat/completions`
+with `"stream": true`, answered as `text/event-stream`: a role chunk, one
+`data: {chat.completion.chunk}` event per token (the same words, pacing and batching as the
+NDJSON lines; `max_tokens` or `max_completion_tokens` caps the reply as `num_predict` does, with
+`finish_reason` `length`), a finish chunk, a usage chunk when `stream_options.include_usage`,
+then `data: [DONE]`. It is a raw asyncio protocol on uvloop with httptools parsing, so a token
+costs it a few microseconds.
 
 What a reply looks like comes from the request, so one fake serves every scenario: the last
 user message may hold `key=value` words, read anywhere in its text:
@@ -15,6 +21,9 @@ user message may hold `key=value` words, read anywhere in its text:
                 first token at once); 0, the default, is as fast as the client reads, several
                 lines a write (each its own NDJSON line) under TCP flow control
     id=X        a name for this request, for the closure report below
+    sid=S       the session this turn belongs to: `/_bench/stats` counts chats by it
+    delay=D     D seconds before answering at all, headers included (0, the default), as an
+                engine busy with the prompt
 
 Closure report, for cancel latency: when a client closes a connection while a chat response
 on it is still streaming, the fake notes `time.monotonic()` at once (in `eof_received` or
@@ -22,7 +31,8 @@ on it is still streaming, the fake notes `time.monotonic()` at once (in `eof_rec
 `{"id": X, "closed_at": T}`, waiting up to S seconds for the closure (`closed_at` null if it
 has not happened). T is CLOCK_MONOTONIC, which on Linux is one system-wide clock, so the
 benchmark compares it with its own `time.monotonic()` taken when it sent `cancel`.
-`GET /_bench/stats` counts connections, chats, completed replies and closures.
+`GET /_bench/stats` counts connections, chats, completed replies and closures, and chats by
+`sid` (`by_session`).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import asyncio
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import formatdate
@@ -44,7 +55,7 @@ import orjson
 MODEL = "llama3.2:1b"
 VERSION = "0.12.6"
 LINES_PER_WRITE = 16  # unpaced replies: lines batched into one chunk of the HTTP response
-_PARAM = re.compile(r"\b(tokens|rate|id)=(\S+)")
+_PARAM = re.compile(r"\b(tokens|rate|id|sid|delay)=(\S+)")
 _WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ".")
 
 
@@ -57,9 +68,21 @@ class Plan:
     request_id: str = ""
     done_reason: str = "stop"
     prompt_tokens: int = 0
+    session: str = ""
+    delay: float = 0.0
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Plan:
+        """An Ollama `/api/chat` request's reply."""
+        return cls._read(body, (body.get("options") or {}).get("num_predict"))
+
+    @classmethod
+    def from_openai(cls, body: dict[str, Any]) -> Plan:
+        """An OpenAI `/v1/chat/completions` request's reply."""
+        return cls._read(body, body.get("max_completion_tokens", body.get("max_tokens")))
+
+    @classmethod
+    def _read(cls, body: dict[str, Any], limit: object) -> Plan:
         messages = body.get("messages") or []
         users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
         params = dict(_PARAM.findall(users[-1])) if users else {}
@@ -68,8 +91,9 @@ class Plan:
             rate=float(params.get("rate", 0)),
             request_id=params.get("id", ""),
             prompt_tokens=sum(len(str(m.get("content", ""))) // 4 + 4 for m in messages),
+            session=params.get("sid", ""),
+            delay=float(params.get("delay", 0)),
         )
-        limit = (body.get("options") or {}).get("num_predict")
         if isinstance(limit, int) and 0 < limit < plan.tokens:
             plan.tokens, plan.done_reason = limit, "length"
         return plan
@@ -84,6 +108,12 @@ class Board:
     connections: int = 0
     chats: int = 0
     completed: int = 0
+    by_session: dict[str, int] = field(default_factory=dict)
+
+    def record_chat(self, plan: Plan) -> None:
+        self.chats += 1
+        if plan.session:
+            self.by_session[plan.session] = self.by_session.get(plan.session, 0) + 1
 
     def record_closed(self, request_id: str, when: float) -> None:
         self.closed[request_id] = when
@@ -178,6 +208,11 @@ class FakeOllamaProtocol(asyncio.Protocol):
         path, query = parts.path, parse_qs(parts.query)
         if method == "POST" and path == "/api/chat":
             await self._chat(body, keep_alive)
+        elif method == "POST" and path == "/v1/chat/completions":
+            await self._completions(body, keep_alive)
+        elif path == "/v1/models":
+            models = [{"id": MODEL, "object": "model", "created": 1735689600, "owned_by": "fake"}]
+            self._write_simple(200, {"object": "list", "data": models}, keep_alive)
         elif path == "/":
             self._write_simple(200, "Ollama is running", keep_alive)
         elif path == "/api/version":
@@ -195,6 +230,7 @@ class FakeOllamaProtocol(asyncio.Protocol):
                 "chats": self.board.chats,
                 "completed": self.board.completed,
                 "closed": len(self.board.closed),
+                "by_session": self.board.by_session,
             }
             self._write_simple(200, stats, keep_alive)
         else:
@@ -210,44 +246,120 @@ class FakeOllamaProtocol(asyncio.Protocol):
         if body.get("model") != MODEL:
             self._write_simple(404, {"error": f'model "{body.get("model")}" not found'}, keep_alive)
             return
-        self.board.chats += 1
-        self.streaming = plan.request_id or f"chat-{self.board.chats}"
+        if not await self._accept(plan):
+            return
         assert self.transport is not None
         self.transport.write(_head(200, "application/x-ndjson", None, keep_alive))
         started = time.monotonic_ns()
         created = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         prefix = b'{"model":"' + MODEL.encode() + b'","created_at":"' + created.encode() + b'",'
+
+        def line(i: int) -> bytes:
+            content = {"role": "assistant", "content": _WORDS[i % len(_WORDS)]}
+            return prefix + orjson.dumps({"message": content, "done": False})[1:] + b"\n"
+
+        def tail() -> bytes:
+            elapsed = time.monotonic_ns() - started
+            done = {
+                "message": {"role": "assistant", "content": ""},
+                "done_reason": plan.done_reason,
+                "done": True,
+                "total_duration": elapsed + 1_000_000,
+                "load_duration": 1_000_000,
+                "prompt_eval_count": plan.prompt_tokens,
+                "prompt_eval_duration": 500_000,
+                "eval_count": plan.tokens,
+                "eval_duration": max(elapsed, 1),
+            }
+            return prefix + orjson.dumps(done)[1:] + b"\n"
+
+        await self._stream(plan, keep_alive, b"", line, tail)
+
+    async def _completions(self, raw: bytes, keep_alive: bool) -> None:
+        try:
+            body = orjson.loads(raw)
+            plan = Plan.from_openai(body)
+        except (orjson.JSONDecodeError, ValueError, AttributeError, TypeError) as exc:
+            self._write_simple(400, _openai_error(f"invalid request: {exc}", 400), keep_alive)
+            return
+        if body.get("model") != MODEL:
+            message = f"The model `{body.get('model')}` does not exist."
+            self._write_simple(404, _openai_error(message, 404), keep_alive)
+            return
+        if body.get("stream") is not True:
+            message = "this fake streams only: send stream: true"
+            self._write_simple(400, _openai_error(message, 400), keep_alive)
+            return
+        if not await self._accept(plan):
+            return
+        assert self.transport is not None
+        self.transport.write(_head(200, "text/event-stream; charset=utf-8", None, keep_alive))
+        head = b'{"id":"chatcmpl-%d","object":"chat.completion.chunk","created":%d,' % (
+            self.board.chats,
+            int(time.time()),
+        )
+        head += b'"model":"%b",' % MODEL.encode()
+
+        def event(choice: bytes, after: bytes = b"") -> bytes:
+            return b'data: %b"choices":[%b]%b}\n\n' % (head, choice, after)
+
+        role = event(b'{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}')
+        words = [
+            event(b'{"index":0,"delta":{"content":%b},"finish_reason":null}' % orjson.dumps(w))
+            for w in _WORDS
+        ]
+        finish = event(b'{"index":0,"delta":{},"finish_reason":"%b"}' % plan.done_reason.encode())
+        usage = {
+            "prompt_tokens": plan.prompt_tokens,
+            "completion_tokens": plan.tokens,
+            "total_tokens": plan.prompt_tokens + plan.tokens,
+        }
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        last = finish
+        if wants_usage:
+            last += event(b"", b',"usage":' + orjson.dumps(usage))
+        last += b"data: [DONE]\n\n"
+        await self._stream(plan, keep_alive, role, lambda i: words[i % len(words)], lambda: last)
+
+    async def _accept(self, plan: Plan) -> bool:
+        """Count the chat, wait out its `delay`; False when the client left meanwhile."""
+        self.board.record_chat(plan)
+        self.streaming = plan.request_id or f"chat-{self.board.chats}"
+        if plan.delay > 0:
+            await asyncio.sleep(plan.delay)
+        return not self.gone
+
+    async def _stream(
+        self,
+        plan: Plan,
+        keep_alive: bool,
+        lead: bytes,
+        line: Callable[[int], bytes],
+        tail: Callable[[], bytes],
+    ) -> None:
+        """Write the reply's body: `lead` with the first token, a unit per token (paced, or
+        batched), then `tail` with the last batch and the end of the chunked body."""
+        assert self.transport is not None
         loop = asyncio.get_running_loop()
         start = loop.time()
         batch: list[bytes] = []
         for i in range(plan.tokens):
-            content = {"role": "assistant", "content": _WORDS[i % len(_WORDS)]}
-            line = prefix + orjson.dumps({"message": content, "done": False})[1:] + b"\n"
+            unit = line(i)
+            if lead:
+                unit, lead = lead + unit, b""
             if plan.rate > 0:
                 delay = start + i / plan.rate - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await self._send_chunk(line)
+                await self._send_chunk(unit)
             else:
-                batch.append(line)
+                batch.append(unit)
                 if len(batch) >= LINES_PER_WRITE:
                     await self._send_chunk(b"".join(batch))
                     batch.clear()
             if self.gone:
                 return
-        elapsed = time.monotonic_ns() - started
-        done = {
-            "message": {"role": "assistant", "content": ""},
-            "done_reason": plan.done_reason,
-            "done": True,
-            "total_duration": elapsed + 1_000_000,
-            "load_duration": 1_000_000,
-            "prompt_eval_count": plan.prompt_tokens,
-            "prompt_eval_duration": 500_000,
-            "eval_count": plan.tokens,
-            "eval_duration": max(elapsed, 1),
-        }
-        batch.append(prefix + orjson.dumps(done)[1:] + b"\n")
+        batch.append(lead + tail())
         self.streaming = None  # a client closing after the done line cancels nothing
         self.board.completed += 1
         await self._send_chunk(b"".join(batch))
@@ -287,6 +399,16 @@ def _head(status: int, kind: str, length: int | None, keep_alive: bool) -> bytes
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {kind}\r\n"
         f"Date: {formatdate(usegmt=True)}\r\n{framing}\r\n{connection}\r\n"
     ).encode()
+
+
+def _openai_error(message: str, code: int) -> dict[str, Any]:
+    kind = "NotFoundError" if code == 404 else "BadRequestError"
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def reply_text(tokens: int) -> str:
+    """The text of a reply of `tokens` tokens, as the fake streams it."""
+    return "".join(_WORDS[i % len(_WORDS)] for i in range(tokens))
 
 
 def _model_entry(name: str) -> dict[str, Any]:

@@ -8,8 +8,10 @@ machine's description for the report.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import datetime
+import json
 import os
 import platform
 import signal
@@ -132,6 +134,22 @@ def start_embedded_service(threads: int, logs: Path) -> Proc:
     return _start_service({"LLM_BACKEND": "llamacpp", "NUM_THREADS": str(threads)}, logs)
 
 
+def start_service_with(env: dict[str, str], logs: Path) -> Proc:
+    """`python main.py websocket` with `env` (any engine, any settings, `LOG_LEVEL` too) over
+    the benchmark's defaults: room for 5,000 connections and a 3,000-token reply, a short
+    shutdown grace, warnings and errors logged."""
+    settings = {
+        "LOG_LEVEL": "WARNING",
+        "LLM_MAX_CONNECTIONS": "5000",
+        "LLM_SHUTDOWN_GRACE_S": "1",
+        "DEFAULT_MAX_TOKENS": "4096",
+        **env,
+    }
+    port = free_port()
+    full = service_env(logs, port, free_port(), **settings)
+    return _start("service", main_command("websocket"), full, port, "/health", logs)
+
+
 def _start_service(settings: dict[str, str], logs: Path) -> Proc:
     port = free_port()
     env = service_env(logs, port, free_port(), LOG_LEVEL="WARNING", **settings)
@@ -197,3 +215,22 @@ def machine() -> dict[str, str | int | float]:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average": os.getloadavg()[0],
     }
+
+
+def log_problems(proc: Proc, expected: frozenset[str] = frozenset()) -> list[str]:
+    """The warnings and errors in a service's JSON log, one line per event (and error code)
+    with its count and a first example; events in `expected` left out."""
+    counts: collections.Counter[str] = collections.Counter()
+    examples: dict[str, str] = {}
+    for line in proc.log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or entry.get("event") in expected:
+            continue
+        if entry.get("level") in ("warning", "error", "critical"):
+            key = f"{entry.get('event')} {entry.get('code', '')}".strip()
+            counts[key] += 1
+            examples.setdefault(key, line[:400])
+    return [f"{proc.log.name}: {n} x {key}, e.g. `{examples[key]}`" for key, n in counts.items()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import resource
 import time
 from collections.abc import Sequence
@@ -328,3 +329,54 @@ async def direct_cancel(
         sent = time.monotonic()
         await response.aclose()
     return CancelRun(await upstream_closed_at(client, request_id) - sent, None)
+
+
+# Engines and pools (`engines.py`) ----------------------------------------------------------
+
+
+@dataclass
+class Turn:
+    """One turn as the client saw it: when it was sent, its first token, its text, its end."""
+
+    sid: str  # the `sid=` the fake counts it under
+    tokens: int  # asked for
+    sent: float = 0.0  # time.monotonic()
+    first_s: float | None = None
+    text: str = ""
+    end: str = ""  # "complete", or the error frame's code
+
+
+async def run_turn(ws: ClientConnection, turn: Turn, message: str) -> Turn:
+    """Send `message` and read the reply to its end, keeping its text (every frame parsed)."""
+    turn.sent = time.monotonic()
+    await ws.send(user_message(message))
+    parts: list[str] = []
+    while True:
+        frame = orjson.loads(await ws.recv())
+        kind = frame.get("type")
+        if kind == "token":
+            if turn.first_s is None:
+                turn.first_s = time.monotonic() - turn.sent
+            parts.append(frame["data"])
+            continue
+        code = (frame.get("error") or {}).get("code")
+        turn.end = "complete" if kind == "response_complete" else str(code or kind)
+        turn.text = "".join(parts)
+        return turn
+
+
+async def chats_by_session(fake_url: str) -> dict[str, int]:
+    """The chats a fake has served, by the `sid=` of their user message."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        stats = (await client.get(f"{fake_url}/_bench/stats")).raise_for_status().json()
+    return dict(stats["by_session"])
+
+
+_SAMPLE = re.compile(r"^(\w+)\{(.*)\} (\S+)$", re.M)
+
+
+async def scrape(monitoring_port: int) -> list[tuple[str, str, float]]:
+    """The service's /metrics samples that carry labels: (name, labels, value)."""
+    async with httpx.AsyncClient(timeout=2) as client:
+        text = (await client.get(f"http://127.0.0.1:{monitoring_port}/metrics")).text
+    return [(name, labels, float(value)) for name, labels, value in _SAMPLE.findall(text)]
