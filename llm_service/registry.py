@@ -187,6 +187,7 @@ class SessionRegistry:
         self.settings = service.settings
         self.store = store
         self.shared = store.shared
+        self.persistent = store.kind != "memory"
         self.buffer_frames = self.settings.llm_resume_buffer_frames
         self.replica = uuid.uuid4().hex[:12]
         self._sessions: dict[str, Session] = {}
@@ -327,6 +328,8 @@ class SessionRegistry:
     # -- writing to the store, off the hot path -------------------------------------------------
 
     def save_soon(self, session: Session, *, detached: bool) -> None:
+        if not self.persistent:
+            return  # the memory store keeps nothing: the live session is all there is
         self._dirty[session.id] = (session, detached)
         self._wake_writer.set()
 
