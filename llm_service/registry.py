@@ -54,6 +54,7 @@ log = structlog.get_logger("llm_service.sessions")
 _SWEEP_S = 5.0
 _PUBLISH_EVERY_S = 0.01
 _FOLLOW_IDLE_S = 30.0
+_CLOSE_LIMIT_S = 5.0
 
 
 class Session:
@@ -210,12 +211,17 @@ class SessionRegistry:
             self.spawn(self._listener())
 
     async def aclose(self) -> None:
-        """Keep every session resumable (their sockets are gone), then stop."""
+        """Keep every session resumable (their sockets are gone), then stop. A store that
+        does not answer gets `_CLOSE_LIMIT_S`: the process must be able to stop."""
         for session in list(self._sessions.values()):
             await session.reply.stop()
             self.save_soon(session, detached=True)
-        await self._flush_writes()
-        await self._flush_publishes()
+        try:
+            async with asyncio.timeout(_CLOSE_LIMIT_S):
+                await self._flush_writes()
+                await self._flush_publishes()
+        except TimeoutError:
+            log.warning("sessions_not_saved", sessions=len(self._dirty), store=self.store.kind)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -638,3 +638,299 @@ def test_bat_script_names_the_right_commands(name: str) -> None:
 def test_gitattributes_keep_line_endings() -> None:
     lines = (REPO / ".gitattributes").read_text().splitlines()
     assert "*.bat text eol=crlf" in lines and "*.sh text eol=lf" in lines
+
+
+# --- scale-out: nginx in front of replicas sharing sessions in Redis ---
+
+SCALE_FILE = "docker-compose.scale.yml"
+SCALE_NETWORK = "fasttalk-scale-network"
+NGINX_CONF = REPO / "deploy" / "nginx.conf"
+
+
+def scale_compose() -> dict[str, Any]:
+    return load_compose(SCALE_FILE)
+
+
+def assert_only_the_balancer_is_trusted(
+    forwarded: str, nginx_ip: str, ipam: dict[str, Any]
+) -> None:
+    """FORWARDED_ALLOW_IPS (addresses or networks, comma-separated, as uvicorn reads it) must
+    hold nginx's fixed address, and no address Docker may give another container."""
+    import ipaddress
+
+    assert "*" not in forwarded, "any client could forge X-Forwarded-For"
+    trusted = [ipaddress.IPv4Network(item.strip()) for item in forwarded.split(",") if item.strip()]
+    balancer = ipaddress.IPv4Address(nginx_ip)
+    subnet, dynamic = ipaddress.IPv4Network(ipam["subnet"]), ipaddress.IPv4Network(ipam["ip_range"])
+    assert balancer in subnet and balancer not in dynamic, "a replica could take nginx's address"
+    assert trusted and any(balancer in network for network in trusted), trusted
+    # replicas, and any stack that joins the network, get their addresses from ip_range
+    assert all(n.subnet_of(subnet) and not n.overlaps(dynamic) for n in trusted), trusted
+
+
+def test_scale_compose_has_the_balancer_replicas_store_and_engine() -> None:
+    services = scale_compose()["services"]
+    assert {"nginx", "llm-service", "redis", "ollama", "ollama-pull"} <= set(services)
+    service = services["llm-service"]
+    assert service["deploy"]["replicas"] == 3
+    # a fixed container name, or a published port, would stop `--scale` at the second replica
+    assert "container_name" not in service and "ports" not in service
+    for name, spec in services.items():
+        assert SCALE_NETWORK in spec["networks"], f"{name} is not on {SCALE_NETWORK}"
+
+
+def test_scale_compose_images_are_pinned() -> None:
+    services = scale_compose()["services"]
+    for name, service in services.items():
+        image, _, tag = service["image"].partition(":")
+        assert image and tag and tag != "latest", f"{name}: {service['image']} is not pinned"
+    assert re.fullmatch(r"nginx:\d+\.\d+(\.\d+)?(-alpine)?", services["nginx"]["image"])
+    assert re.fullmatch(r"redis:\d+\.\d+(\.\d+)?(-alpine)?", services["redis"]["image"])
+    # the same engine as the single-replica files, so a model volume means the same there
+    engine = load_compose("docker-compose.cpu.yml")["services"]["ollama"]["image"]
+    assert services["ollama"]["image"] == services["ollama-pull"]["image"] == engine
+
+
+def test_scale_compose_publishes_only_the_balancer_on_loopback() -> None:
+    services = scale_compose()["services"]
+    published = {name: spec["ports"] for name, spec in services.items() if "ports" in spec}
+    assert published == {"nginx": ["127.0.0.1:8002:8000"]}
+
+
+def test_scale_service_shares_sessions_and_trusts_only_the_balancer() -> None:
+    compose = scale_compose()
+    service = compose["services"]["llm-service"]
+    env = environment(service)
+    assert {key: env.get(key) for key in PINNED_ENV} == PINNED_ENV
+    assert env["LLM_SESSION_STORE"] == "redis://redis:6379/0"
+    # a reply must outlive the socket long enough for its client to come back elsewhere
+    assert float(env["LLM_RESUME_GRACE_S"]) >= 10
+    assert env["LLM_HOST"] == "0.0.0.0"
+    nginx_ip = compose["services"]["nginx"]["networks"][SCALE_NETWORK]["ipv4_address"]
+    ipam = compose["networks"][SCALE_NETWORK]["ipam"]["config"][0]
+    assert_only_the_balancer_is_trusted(env["FORWARDED_ALLOW_IPS"], nginx_ip, ipam)
+    assert {"path": ".env", "required": False} in service["env_file"]
+    assert service["build"] == {"context": ".", "dockerfile": "Dockerfile.cpu"}
+    nofile = service["ulimits"]["nofile"]
+    assert nofile["soft"] == nofile["hard"] >= 65536
+    check = " ".join(service["healthcheck"]["test"])
+    assert service["healthcheck"]["test"][0] == "CMD" and "LLM_MONITORING_PORT" in check
+    assert "9092" in check and "/health" in check
+    assert depends_on(service) == {
+        "redis": "service_healthy",
+        "ollama": "service_healthy",
+        "ollama-pull": "service_completed_successfully",
+    }
+
+
+def test_scale_redis_persists_and_reports_health() -> None:
+    compose = scale_compose()
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    words = command if isinstance(command, list) else shlex.split(command)
+    assert "--appendonly" in words and words[words.index("--appendonly") + 1] == "yes"
+    volume, _, target = redis["volumes"][0].partition(":")
+    assert target == "/data" and volume in compose["volumes"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    ollama = compose["services"]["ollama"]
+    volume, _, target = ollama["volumes"][0].partition(":")
+    assert target == "/root/.ollama" and volume in compose["volumes"]
+    assert ollama["healthcheck"]["test"] == ["CMD", "ollama", "list"]
+    assert depends_on(compose["services"]["ollama-pull"]) == {"ollama": "service_healthy"}
+
+
+def test_scale_nginx_mounts_its_config_read_only() -> None:
+    nginx = scale_compose()["services"]["nginx"]
+    [mount] = nginx["volumes"]
+    if isinstance(mount, str):
+        source, target, mode = mount.split(":")
+        mount = {"source": source, "target": target, "read_only": mode == "ro"}
+    assert mount["target"] == "/etc/nginx/nginx.conf" and mount["read_only"] is True
+    assert (REPO / mount["source"]).resolve() == NGINX_CONF and NGINX_CONF.is_file()
+    assert depends_on(nginx) == {"llm-service": "service_healthy"}
+    assert nginx["ulimits"]["nofile"]["soft"] >= 65536
+
+
+def test_every_compose_file_goes_through_the_parser_in_ci() -> None:
+    checks = (REPO / ".ci" / "deploy-checks").read_text()
+    listed = re.search(r"^COMPOSE_FILES=\((.*)\)$", checks, re.MULTILINE)
+    assert listed, "no COMPOSE_FILES in .ci/deploy-checks"
+    assert {p.name for p in REPO.glob("docker-compose.*.yml")} <= set(listed[1].split())
+
+
+# --- deploy/nginx.conf ---
+
+
+@dataclass(frozen=True)
+class Directive:
+    name: str
+    args: tuple[str, ...]
+    block: tuple[Directive, ...] = ()
+
+
+def parse_nginx(text: str) -> list[Directive]:
+    """nginx's configuration as nested directives; comments dropped. Enough for this file: no
+    quoted strings holding `;`, `{`, `}` or `#`."""
+    tokens = re.findall(r"[{};]|[^\s{};]+", re.sub(r"#[^\n]*", "", text))
+    position = 0
+
+    def block() -> list[Directive]:
+        nonlocal position
+        directives: list[Directive] = []
+        words: list[str] = []
+        while position < len(tokens):
+            token = tokens[position]
+            position += 1
+            if token == "}":
+                assert not words, f"unterminated directive {words}"
+                return directives
+            if token == ";":
+                directives.append(Directive(words[0], tuple(words[1:])))
+                words = []
+            elif token == "{":
+                directives.append(Directive(words[0], tuple(words[1:]), tuple(block())))
+                words = []
+            else:
+                words.append(token)
+        assert not words, f"unterminated directive {words}"
+        return directives
+
+    return block()
+
+
+def find(directives: tuple[Directive, ...] | list[Directive], name: str) -> list[Directive]:
+    return [d for d in directives if d.name == name]
+
+
+def walk(directives: tuple[Directive, ...] | list[Directive]) -> list[Directive]:
+    """Every directive, those inside blocks included."""
+    return [d for directive in directives for d in (directive, *walk(directive.block))]
+
+
+def seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value)
+    assert match, value
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2] or "s"]
+    return int(match[1]) * scale
+
+
+def nginx_server() -> Directive:
+    [http] = find(parse_nginx(NGINX_CONF.read_text()), "http")
+    [server] = find(http.block, "server")
+    return server
+
+
+def location(server: Directive, *args: str) -> Directive:
+    found = [d for d in find(server.block, "location") if d.args == args]
+    assert len(found) == 1, f"location {' '.join(args)}"
+    return found[0]
+
+
+def setting(server: Directive, where: Directive, name: str) -> tuple[str, ...]:
+    """A directive's value in a location, or the one it inherits from the server."""
+    for scope in (where, server):
+        if values := find(scope.block, name):
+            return values[-1].args
+    raise AssertionError(f"{name} is not set for location {' '.join(where.args)}")
+
+
+def test_nginx_conf_upgrades_websockets_and_forwards_the_client() -> None:
+    [http] = find(parse_nginx(NGINX_CONF.read_text()), "http")
+    [upgrade_map] = find(http.block, "map")
+    assert upgrade_map.args == ("$http_upgrade", "$connection_upgrade")
+    assert {d.name: d.args for d in upgrade_map.block} == {
+        "default": ("upgrade",),
+        "''": ("close",),
+    }
+    server = nginx_server()
+    websocket = location(server, "/ws/")
+    # proxy_set_header in a location would drop all of the server's: they must stay in one place
+    assert not any(find(loc.block, "proxy_set_header") for loc in find(server.block, "location"))
+    headers = {d.args[0]: d.args[1] for d in find(server.block, "proxy_set_header")}
+    assert headers["Upgrade"] == "$http_upgrade"
+    assert headers["Connection"] == "$connection_upgrade"
+    assert headers["X-Forwarded-For"] in {"$remote_addr", "$proxy_add_x_forwarded_for"}
+    assert headers["X-Real-IP"] == "$remote_addr"
+    assert setting(server, websocket, "proxy_http_version") == ("1.1",)
+
+
+def test_nginx_conf_streams_unbuffered_with_long_socket_timeouts() -> None:
+    server = nginx_server()
+    websocket = location(server, "/ws/")
+    assert setting(server, websocket, "proxy_buffering") == ("off",)
+    for name in ("proxy_read_timeout", "proxy_send_timeout"):
+        [value] = setting(server, websocket, name)
+        assert seconds(value) >= 3600, f"{name} {value}: quiet sockets would be cut"
+
+
+def test_nginx_conf_balances_over_every_replica_without_stickiness() -> None:
+    text = NGINX_CONF.read_text()
+    [http] = find(parse_nginx(text), "http")
+    server = nginx_server()
+    # sessions are in Redis: any replica can resume any session, so no client is pinned
+    names = {d.name for d in walk(parse_nginx(text))}
+    assert not {"ip_hash", "hash", "sticky", "sticky_cookie_insert"} & names
+    [resolver] = find(http.block, "resolver")
+    assert resolver.args[0] == "127.0.0.11" and any(a.startswith("valid=") for a in resolver.args)
+    [target] = find(server.block, "set")
+    assert target.args == ("$llm_service", "llm-service:8000")
+    for loc in (location(server, "/ws/"), location(server, "=", "/health"), location(server, "/")):
+        # only the main port: /metrics on 9092 stays on the compose network
+        assert [d.args for d in find(loc.block, "proxy_pass")] == [("http://$llm_service",)]
+    assert "9092" not in re.sub(r"#[^\n]*", "", text)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_nginx_conf_syntax(tmp_path: Path) -> None:
+    # -e and pid under tmp_path: the check needs no root and no nginx log or run directories
+    conf = tmp_path / "nginx.conf"
+    shutil.copy(NGINX_CONF, conf)
+    command = ["nginx", "-t", "-q", "-e", "stderr", "-g", f"pid {tmp_path / 'nginx.pid'};"]
+    done = subprocess.run([*command, "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+# --- scale-out, through Docker Compose's own parser ---
+
+
+@pytest.mark.parametrize(
+    "dotenv",
+    [
+        None,
+        "LLM_SESSION_STORE=memory\nLLM_RESUME_GRACE_S=0.0\nFORWARDED_ALLOW_IPS=*\n"
+        "LLM_HOST=127.0.0.1\nOLLAMA_BASE_URL=http://localhost:11434\n",
+    ],
+    ids=["no-dotenv", "conflicting-dotenv"],
+)
+def test_scale_compose_resolves_as_intended(tmp_path: Path, dotenv: str | None) -> None:
+    config = compose_config(tmp_path, SCALE_FILE, dotenv)
+    services = config["services"]
+    published = {
+        name: {(p["target"], str(p["published"]), p.get("host_ip")) for p in spec["ports"]}
+        for name, spec in services.items()
+        if spec.get("ports")
+    }
+    assert published == {"nginx": {(8000, "8002", "127.0.0.1")}}
+    [mount] = services["nginx"]["volumes"]
+    assert (mount["type"], mount["target"], mount["read_only"]) == (
+        "bind",
+        "/etc/nginx/nginx.conf",
+        True,
+    )
+    assert Path(mount["source"]) == tmp_path / "deploy" / "nginx.conf"
+    service = services["llm-service"]
+    assert service["deploy"]["replicas"] == 3
+    env = service["environment"]
+    assert {key: env.get(key) for key in PINNED_ENV} == PINNED_ENV
+    assert (env["LLM_SESSION_STORE"], env["LLM_RESUME_GRACE_S"]) == ("redis://redis:6379/0", "30")
+    assert env["LLM_HOST"] == "0.0.0.0"
+    nginx_ip = services["nginx"]["networks"][SCALE_NETWORK]["ipv4_address"]
+    network = config["networks"][SCALE_NETWORK]
+    assert network["name"] == SCALE_NETWORK
+    ipam = network["ipam"]["config"][0]
+    assert_only_the_balancer_is_trusted(env["FORWARDED_ALLOW_IPS"], nginx_ip, ipam)
+    for name in ("redis", "ollama"):
+        assert service["depends_on"][name]["condition"] == "service_healthy"
+        assert services[name]["healthcheck"]["test"][0] == "CMD"
+    assert services["redis"]["command"] == ["redis-server", "--appendonly", "yes"]
+    assert {v["target"] for v in services["redis"]["volumes"]} == {"/data"}

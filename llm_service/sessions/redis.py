@@ -133,7 +133,9 @@ class RedisStore:
         return StoreStatus("redis", True, self._where)
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self._redis.aclose()
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         try:
