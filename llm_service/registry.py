@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -34,7 +37,8 @@ import structlog
 
 from llm_service import protocol
 from llm_service.conversation import Conversation, Entry, SessionConfig, new_session_id
-from llm_service.errors import ResumeGap, SessionNotFound
+from llm_service.errors import ResumeGap, SessionNotFound, UpstreamError
+from llm_service.generation import GONE as _SOCKET_GONE
 from llm_service.generation import Generation, Socket
 from llm_service.service import Service
 from llm_service.sessions.framelog import FrameLog
@@ -53,7 +57,6 @@ log = structlog.get_logger("llm_service.sessions")
 
 _SWEEP_S = 5.0
 _PUBLISH_EVERY_S = 0.01
-_FOLLOW_IDLE_S = 30.0
 _CLOSE_LIMIT_S = 5.0
 
 
@@ -77,6 +80,9 @@ class Session:
         self.detached_at: float | None = time.monotonic()
         self.outbox: list[Frame] = []  # frames not yet published to a shared store
         self.following: asyncio.Task[None] | None = None  # a reply streaming elsewhere
+        self.moved = False  # another replica took the session over; its reply still ends here
+        self.cancelling = False  # a cancel asked for there is stopping the reply here
+        self.epoch = 0  # which holder of the session this is (its frames' stream)
         self.shared = registry.shared
         self.reply = Generation(self, registry.service)
         self._grace: asyncio.TimerHandle | None = None
@@ -93,9 +99,20 @@ class Session:
 
     async def send(self, build: Callable[..., str], *args: Any) -> int:
         """Number a frame, keep it, and send it to the socket if one is attached."""
+        seq = self.log.next()
+        await self._emit(seq, build(seq, *args))
+        return seq
+
+    async def relay(self, text: str, seq: int) -> None:
+        """A frame another replica streamed as its `seq`: renumbered as this session's own
+        next frame (its own frames may have come in between), then sent as one."""
+        ours = self.log.next()
+        if ours != seq:
+            text = text[: text.rfind('"seq":')] + f'"seq":{ours}}}'
+        await self._emit(ours, text)
+
+    async def _emit(self, seq: int, text: str) -> None:
         log_ = self.log
-        seq = log_.next()
-        text = build(seq, *args)
         log_.keep(seq, text)
         if self.shared:
             self.outbox.append((seq, text))
@@ -104,14 +121,15 @@ class Session:
         if socket is not None and self.live:
             await socket.send_text(text)
             log_.delivered = seq
-        return seq
 
     async def send_last(self, socket: Socket, build: Callable[..., str], *args: Any) -> None:
         """The last frame a socket gets as it closes (it may be detached already)."""
-        log_ = self.log
-        seq = log_.next()
+        seq = self.log.next()
         text = build(seq, *args)
-        log_.keep(seq, text)
+        self.log.keep(seq, text)
+        if self.shared:
+            self.outbox.append((seq, text))
+            self.registry.publish_soon()
         await socket.send_text(text)
 
     def lost(self) -> None:
@@ -123,9 +141,7 @@ class Session:
     def attach(self, socket: Socket) -> None:
         previous = self.socket
         self.socket, self.detached_at = socket, None
-        if self._grace is not None:
-            self._grace.cancel()
-            self._grace = None
+        self.stop_grace()
         if previous is not None and previous is not socket:
             previous.taken_over()
 
@@ -147,10 +163,22 @@ class Session:
         self.registry.save_soon(self, detached=True)
 
     def overflowing(self) -> bool:
-        """Detached, and further ahead of the client than the frame log holds."""
-        return self.socket is None and self.log.undelivered() >= self.registry.buffer_frames
+        """Detached, and further ahead of the client than the frame log holds (a session that
+        another replica took over is followed there: its frames are all read)."""
+        if self.socket is not None or self.moved:
+            return False
+        return self.log.undelivered() >= self.registry.buffer_frames
+
+    def stop_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
 
     def reply_ended(self) -> None:
+        if self.moved:
+            if not self.cancelling:  # else its `cancelled` comes first, then the hand-over
+                self.registry.hand_over(self)
+            return
         self.registry.save_soon(self, detached=self.socket is None)
         if self.socket is not None:
             self.socket.reply_ended()
@@ -174,8 +202,9 @@ class Session:
             turns=conv.turns,
             tokens_generated=conv.tokens_generated,
             seq=self.log.last,
-            generating=self.reply.busy,
+            generating=self.generating,
             owner=self.registry.replica,
+            epoch=self.epoch,
             updated_at=time.time(),
         )
 
@@ -212,20 +241,24 @@ class SessionRegistry:
 
     async def aclose(self) -> None:
         """Keep every session resumable (their sockets are gone), then stop. A store that
-        does not answer gets `_CLOSE_LIMIT_S`: the process must be able to stop."""
+        does not answer gets `_CLOSE_LIMIT_S` in all: the process must be able to stop."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + _CLOSE_LIMIT_S
         for session in list(self._sessions.values()):
             await session.reply.stop()
             self.save_soon(session, detached=True)
+        # the background tasks go first, so that only this flush writes; a store client may
+        # swallow a cancel (redis-py in a pipeline does), hence the bound on each wait
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=max(0.1, until - loop.time()))
         try:
-            async with asyncio.timeout(_CLOSE_LIMIT_S):
+            async with asyncio.timeout(max(0.1, until - loop.time())):
                 await self._flush_writes()
                 await self._flush_publishes()
         except TimeoutError:
             log.warning("sessions_not_saved", sessions=len(self._dirty), store=self.store.kind)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
 
     def spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -235,7 +268,7 @@ class SessionRegistry:
 
     def spawn_stop(self, session: Session) -> None:
         """The grace period ended with no socket: stop the reply (stored as interrupted)."""
-        if session.socket is None:
+        if session.socket is None and not session.moved and session.reply.busy:
             log.info("resume_grace_over", session_id=session.id)
             self.spawn(session.reply.stop())
 
@@ -255,10 +288,12 @@ class SessionRegistry:
         token = new_resume_token()
         session = Session(self, conversation, token_hash(token), FrameLog(self.buffer_frames))
         self._sessions[session.id] = session
+        if self.shared:
+            self.save_soon(session, detached=False)  # resumable on any replica from now on
         return session, token
 
     def forget(self, session: Session) -> None:
-        """Drop a session that will never be resumed (a fresh one replaced by a resume)."""
+        """Drop a session that will never be resumed here."""
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
 
@@ -277,7 +312,7 @@ class SessionRegistry:
     ) -> tuple[Session, list[Frame] | None]:
         """The session to attach, and the frames its client missed (None: some are gone)."""
         session = self._sessions.get(session_id)
-        if session is not None:
+        if session is not None and not session.moved:
             if not token_matches(token, session.token_hash):
                 raise _not_found()
             if last_seq > session.log.last:
@@ -286,16 +321,31 @@ class SessionRegistry:
         record = await self._load(session_id)
         if record is None or not token_matches(token, record.token_hash):
             raise _not_found()
+        if session is not None:
+            self.forget(session)  # moved away: the store has what happened since
         session = self._restore(record, last_seq)
-        frames: list[Frame] | None = []
-        if self.shared:
-            await self._take_over(session_id)
-            frames = await self._frames_after(session_id, last_seq, record.seq)
-            if record.generating and record.owner != self.replica:
-                session.following = self.spawn(self._follow(session, record))
-        elif last_seq < record.seq:
-            frames = None  # frames are not kept across a restart
+        if not self.shared:
+            return session, (None if last_seq < record.seq else [])  # no frames kept
+        frames = await self._replay(record, last_seq)
+        for seq, text in frames or ():
+            session.log.keep(seq, text)
+            session.log.last = session.log.delivered = seq
+        session.epoch = record.epoch + 1
+        following = record.generating and record.owner != self.replica
+        if following:
+            after = frames[-1][0] if frames else last_seq
+            session.following = self.spawn(self._follow(session, record, after))
+        # claimed before the last holder hears of it: the turn it hands over lands on this
+        await self._save_now(session)
+        await self._announce("taken", session_id)
         return session, frames
+
+    async def _save_now(self, session: Session) -> None:
+        self._dirty.pop(session.id, None)
+        try:
+            await self.store.save(session.record(), detached=session.socket is None)
+        except StoreError as exc:
+            self._failed(exc)
 
     def _restore(self, record: SessionRecord, last_seq: int) -> Session:
         service = self.service
@@ -310,14 +360,10 @@ class SessionRegistry:
             telemetry=service.telemetry,
             limits=service.turn_limits,
         )
-        conversation.entries = [
-            Entry(m["role"], m["content"], int(m["tokens"]), m["status"]) for m in record.messages
-        ]
-        conversation.turns = record.turns
-        conversation.tokens_generated = record.tokens_generated
-        # numbering goes on after whatever the client or the store saw last
+        _restore_history(conversation, record)
+        # numbering goes on after whatever the client saw last
         session = Session(self, conversation, record.token_hash, FrameLog(self.buffer_frames))
-        session.log.last = session.log.delivered = max(record.seq, last_seq)
+        session.log.last = session.log.delivered = max(last_seq, -1 if self.shared else record.seq)
         self._sessions[session.id] = session
         return session
 
@@ -334,8 +380,8 @@ class SessionRegistry:
     # -- writing to the store, off the hot path -------------------------------------------------
 
     def save_soon(self, session: Session, *, detached: bool) -> None:
-        if not self.persistent:
-            return  # the memory store keeps nothing: the live session is all there is
+        if not self.persistent or session.moved:
+            return  # nothing to keep, or not ours to write any more
         self._dirty[session.id] = (session, detached)
         self._wake_writer.set()
 
@@ -354,6 +400,8 @@ class SessionRegistry:
             del self._dirty[session_id]
             if self._sessions.get(session_id) is not session:
                 continue  # ended meanwhile
+            if session.following is not None:
+                continue  # the other replica writes the turn; this one saves when it ends
             try:
                 await self.store.save(session.record(), detached=detached)
             except StoreError as exc:
@@ -370,25 +418,43 @@ class SessionRegistry:
 
     async def _flush_publishes(self) -> None:
         for session in list(self._sessions.values()):
-            if not session.outbox:
-                continue
-            batch, session.outbox = session.outbox, []
-            batch = [frame for frame in batch if frame[0] > 0]  # seq 0 holds the token
-            try:
-                await self.store.publish(session.id, batch)
-            except StoreError as exc:
-                self._failed(exc)
+            if not await self._publish(session):
                 return
+
+    async def _publish(self, session: Session) -> bool:
+        """Send on the frames `session` has numbered since the last batch; False: the store
+        failed."""
+        if not session.outbox:
+            return True
+        batch, session.outbox = session.outbox, []
+        batch = [frame for frame in batch if frame[0] > 0]  # seq 0 holds the token
+        try:
+            await self.store.publish(session.id, session.epoch, batch)
+        except StoreError as exc:
+            self._failed(exc)
+            return False
+        return True
 
     async def _sweeper(self) -> None:
         ttl = self.settings.llm_session_ttl_s
         while True:
             await asyncio.sleep(min(_SWEEP_S, ttl))
             now = time.monotonic()
-            for session in list(self._sessions.values()):
-                gone = session.detached_at
-                if gone is not None and now - gone >= ttl and not session.generating:
-                    self.forget(session)
+            expired = [
+                session
+                for session in self._sessions.values()
+                if session.detached_at is not None
+                and now - session.detached_at >= ttl
+                and not session.generating
+            ]
+            for session in expired:
+                self.forget(session)
+            if expired:
+                # a session and its reply refer to each other: only a collection frees them,
+                # and after gc.freeze() the collector's own passes come rarely
+                del expired
+                gc.collect()
+                _trim_heap()
             try:
                 await self.store.sweep()
             except StoreError as exc:
@@ -396,82 +462,120 @@ class SessionRegistry:
 
     # -- replicas -----------------------------------------------------------------------------
 
-    async def _frames_after(self, session_id: str, last_seq: int, last: int) -> list[Frame] | None:
-        if last_seq >= last:
-            return []
+    async def _replay(self, record: SessionRecord, last_seq: int) -> list[Frame] | None:
+        """The frames after `last_seq` that the last holder published; None: some are gone."""
         try:
-            frames = await self.store.frames_after(session_id, last_seq)
+            frames = await self.store.frames_after(record.session_id, record.epoch, last_seq)
         except StoreError as exc:
             self._failed(exc)
             return None
-        if not frames or frames[0][0] != last_seq + 1:
+        if frames and frames[0][0] != last_seq + 1:
+            return None
+        if not frames and record.seq > last_seq:
             return None
         return frames
 
-    async def _take_over(self, session_id: str) -> None:
-        """Tell the other replicas that this one holds the session now."""
+    async def _announce(self, op: str, session_id: str) -> None:
         try:
-            await self.store.announce(session_id, self.replica)
+            await self.store.announce(op, session_id, self.replica)
         except StoreError as exc:
             self._failed(exc)
 
-    async def _listener(self) -> None:
-        """Close a local socket whose session another replica resumed."""
-        async for session_id, replica in self.store.announcements():
-            if replica != self.replica:
-                self._moved(session_id)
+    async def request_cancel(self, session: Session) -> None:
+        """`cancel` of a reply another replica streams: ask it; its `cancelled` follows."""
+        await self._announce("cancel", session.id)
 
-    def _moved(self, session_id: str) -> None:
-        session = self._sessions.get(session_id)
-        if session is None:
-            return
+    async def _listener(self) -> None:
+        """What other replicas say: a session taken over, a reply to cancel."""
+        async for op, session_id, replica in self.store.announcements():
+            if replica == self.replica:
+                continue
+            session = self._sessions.get(session_id)
+            if session is None:
+                continue
+            if op == "taken":
+                self._moved(session)
+            elif op == "cancel" and session.reply.busy:
+                self.spawn(self._cancel_moved(session))
+
+    def _moved(self, session: Session) -> None:
+        """Another replica resumed this session: close its socket here. A reply still
+        streaming goes on here, followed there, and its turn is handed over when it ends."""
+        session.moved = True
+        session.stop_grace()
         socket = session.socket
         session.socket, session.live = None, False
         if socket is not None:
             socket.taken_over()
-        if not session.generating:
+        if not session.generating:  # a reply it streams, or follows, still ends here
             self.forget(session)
-        # a reply still streaming goes on here, published, and the session is forgotten
-        # when it ends (its record then says who owns it)
 
-    async def _follow(self, session: Session, record: SessionRecord) -> None:
-        """Forward, as this session's own frames, a reply another replica is streaming, until
-        it ends; then take the finished turn from the store."""
-        last = session.log.last
-        tail = self.store.tail(session.id, last)
+    async def _cancel_moved(self, session: Session) -> None:
+        """Cancel the reply here that another replica follows: its `cancelled` frame is the
+        turn's last, so the turn is handed over after it."""
+        session.cancelling = True
         try:
-            while True:
+            await session.reply.cancel()
+        finally:
+            session.cancelling = False
+        if session.moved:
+            self.hand_over(session)
+
+    def hand_over(self, session: Session) -> None:
+        """A moved session's reply ended here: write its turn into the record that now
+        belongs to the other replica (keeping its owner, epoch and numbering), then forget it."""
+        self.forget(session)
+        self.spawn(self._write_turn_for(session))
+
+    async def _write_turn_for(self, session: Session) -> None:
+        await self._publish(session)  # the replica following it must see the turn's end
+        record = await self._load(session.id)
+        if record is None:
+            return
+        mine = session.record()
+        record.messages, record.turns = mine.messages, mine.turns
+        record.tokens_generated, record.generating = mine.tokens_generated, False
+        try:
+            await self.store.save(record, detached=False)
+        except StoreError as exc:
+            self._failed(exc)
+
+    async def _follow(self, session: Session, record: SessionRecord, after: int) -> None:
+        """Relay, as this session's own frames, a reply another replica is streaming, until
+        it ends; take the finished turn from the store before the turn's end is sent on, so
+        the next turn starts from it."""
+        idle = self.settings.llm_chunk_timeout_s + self.settings.llm_first_token_timeout_s
+        tail = self.store.tail(session.id, record.epoch, after)
+        ending: str | None = None
+        try:
+            while ending is None:
                 try:
-                    async with asyncio.timeout(_FOLLOW_IDLE_S):
+                    async with asyncio.timeout(idle):
                         seq, text = await anext(tail)
                 except (TimeoutError, StopAsyncIteration, StoreError):
                     break
-                if seq <= session.log.last:
-                    continue
-                session.log.last = seq
-                session.log.keep(seq, text)
-                socket = session.socket
-                if socket is not None and session.live:
-                    with contextlib.suppress(Exception):
-                        await socket.send_text(text)
-                        session.log.delivered = seq
                 if _turn_ended(text):
+                    ending = text
                     break
+                with contextlib.suppress(*_SOCKET_GONE):
+                    await session.relay(text, seq)
         finally:
             await tail.aclose()  # type: ignore[attr-defined]
-        for _ in range(20):  # the other replica writes the finished turn, then it is ours
-            fresh = await self._load(session.id)
-            if fresh is None or not fresh.generating:
+        fresh = record
+        for _ in range(50):  # the other replica writes the finished turn as it hands over
+            found = await self._load(session.id)
+            if found is None or found.turns > record.turns:
+                fresh = found or record
                 break
-            await asyncio.sleep(0.1)
-        if fresh is not None:
-            conv = session.conversation
-            conv.entries = [
-                Entry(m["role"], m["content"], int(m["tokens"]), m["status"])
-                for m in fresh.messages
-            ]
-            conv.turns, conv.tokens_generated = fresh.turns, fresh.tokens_generated
+            await asyncio.sleep(0.05)
+        _restore_history(session.conversation, fresh)
         session.following = None
+        if ending is not None:
+            with contextlib.suppress(*_SOCKET_GONE):
+                await session.relay(ending, -1)
+        else:
+            with contextlib.suppress(*_SOCKET_GONE):
+                await session.send(protocol.error, _follow_lost())
         session.reply_ended()
 
     # -- health -------------------------------------------------------------------------------
@@ -503,6 +607,40 @@ class SessionRegistry:
             "sessions": len(self._sessions),
             "detached": sum(1 for s in self._sessions.values() if s.socket is None),
         }
+
+
+def _restore_history(conversation: Conversation, record: SessionRecord) -> None:
+    conversation.entries = [
+        Entry(m["role"], m["content"], int(m["tokens"]), m["status"]) for m in record.messages
+    ]
+    conversation.turns = record.turns
+    conversation.tokens_generated = record.tokens_generated
+
+
+def _trim_heap() -> None:
+    """Hand the memory freed by expired sessions back to the system where the C library
+    can (glibc's malloc_trim); elsewhere the allocator keeps it for the next sessions."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
+def _follow_lost() -> UpstreamError:
+    return UpstreamError(
+        "the replica streaming this reply stopped answering; the reply is lost: "
+        "resynchronise with get_history"
+    )
 
 
 def _not_found() -> SessionNotFound:

@@ -26,22 +26,22 @@ class MemoryStore:
     async def delete(self, session_id: str) -> None:
         return None
 
-    async def publish(self, session_id: str, frames: Sequence[Frame]) -> None:
+    async def publish(self, session_id: str, epoch: int, frames: Sequence[Frame]) -> None:
         return None
 
-    async def frames_after(self, session_id: str, seq: int) -> list[Frame]:
+    async def frames_after(self, session_id: str, epoch: int, seq: int) -> list[Frame]:
         return []
 
-    async def tail(self, session_id: str, after: int) -> AsyncIterator[Frame]:
+    async def tail(self, session_id: str, epoch: int, after: int) -> AsyncIterator[Frame]:
         return
         yield  # an async generator that yields nothing
 
-    async def announce(self, session_id: str, replica: str) -> None:
+    async def announce(self, op: str, session_id: str, replica: str) -> None:
         return None
 
-    async def announcements(self) -> AsyncIterator[tuple[str, str]]:
+    async def announcements(self) -> AsyncIterator[tuple[str, str, str]]:
         await asyncio.Event().wait()  # no other replica shares this store
-        yield ("", "")
+        yield ("", "", "")
 
     async def sweep(self) -> None:
         return None

@@ -86,22 +86,22 @@ class SQLiteStore:
     async def delete(self, session_id: str) -> None:
         await self._write("DELETE FROM fasttalk_sessions WHERE session_id = ?", session_id)
 
-    async def publish(self, session_id: str, frames: Sequence[Frame]) -> None:
+    async def publish(self, session_id: str, epoch: int, frames: Sequence[Frame]) -> None:
         return None
 
-    async def frames_after(self, session_id: str, seq: int) -> list[Frame]:
+    async def frames_after(self, session_id: str, epoch: int, seq: int) -> list[Frame]:
         return []  # frames are not kept across a restart: a resume after one is a resume_gap
 
-    async def tail(self, session_id: str, after: int) -> AsyncIterator[Frame]:
+    async def tail(self, session_id: str, epoch: int, after: int) -> AsyncIterator[Frame]:
         return
         yield
 
-    async def announce(self, session_id: str, replica: str) -> None:
+    async def announce(self, op: str, session_id: str, replica: str) -> None:
         return None
 
-    async def announcements(self) -> AsyncIterator[tuple[str, str]]:
+    async def announcements(self) -> AsyncIterator[tuple[str, str, str]]:
         await asyncio.Event().wait()  # no other replica shares this store
-        yield ("", "")
+        yield ("", "", "")
 
     async def sweep(self) -> None:
         await self._write("DELETE FROM fasttalk_sessions WHERE expires_at < ?", time.time())

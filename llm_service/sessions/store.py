@@ -10,7 +10,10 @@ after `LLM_SESSION_TTL_S`; `end_session` deletes it at once.
 `SessionStore` is that storage (`memory`, `sqlite:///path`, `redis://...`). A store that is
 shared between replicas also carries each session's frames (`publish`, `frames_after`,
 `tail`), so that a replica a client resumes on can replay a reply another replica generated,
-and follow it while it is still streaming.
+and follow it while it is still streaming; and messages between replicas (`announce`): that
+one took a session over, or asks the one streaming its reply to cancel it. Each holder of a
+session writes its frames under its own `epoch` (one more at each take-over), so that two
+replicas never number frames in the same stream.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class SessionRecord:
     seq: int = 0  # the sequence number of the last frame sent
     generating: bool = False  # a reply was streaming when this was written
     owner: str = ""  # the replica that holds the session's live state
+    epoch: int = 0  # one more each time another replica takes the session over
     updated_at: float = field(default_factory=time.time)
 
     def dumps(self) -> bytes:
@@ -94,23 +98,24 @@ class SessionStore(Protocol):
 
     async def delete(self, session_id: str) -> None: ...
 
-    async def publish(self, session_id: str, frames: Sequence[Frame]) -> None:
+    async def publish(self, session_id: str, epoch: int, frames: Sequence[Frame]) -> None:
         """Make frames replayable on other replicas (a no-op for an unshared store)."""
         ...
 
-    async def frames_after(self, session_id: str, seq: int) -> list[Frame]: ...
+    async def frames_after(self, session_id: str, epoch: int, seq: int) -> list[Frame]: ...
 
-    def tail(self, session_id: str, after: int) -> AsyncIterator[Frame]:
+    def tail(self, session_id: str, epoch: int, after: int) -> AsyncIterator[Frame]:
         """Frames after `after` as they are published, until the caller stops."""
         ...
 
-    async def announce(self, session_id: str, replica: str) -> None:
-        """Tell the other replicas that `replica` holds the session now."""
+    async def announce(self, op: str, session_id: str, replica: str) -> None:
+        """Tell the other replicas: `taken` (`replica` holds the session now) or `cancel`
+        (stop the reply you are streaming for it)."""
         ...
 
-    def announcements(self) -> AsyncIterator[tuple[str, str]]:
-        """(session id, replica) as other replicas take sessions over; never ends, and goes
-        on through failures of the store (an unshared store has none to give)."""
+    def announcements(self) -> AsyncIterator[tuple[str, str, str]]:
+        """(op, session id, replica) as other replicas announce; never ends, and goes on
+        through failures of the store (an unshared store has none to give)."""
         ...
 
     async def sweep(self) -> None:
