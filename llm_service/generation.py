@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -40,7 +40,9 @@ _UNWIND_LIMIT_S = 5.0
 class Socket(Protocol):
     """What a session needs of the connection it is attached to."""
 
-    async def send_text(self, text: str) -> None: ...
+    @property
+    def send_text(self) -> Callable[[str], Awaitable[None]]:
+        """Send one text frame (the socket's own send, as directly as can be)."""
 
     def reply_ended(self) -> None:
         """The session's reply ended (the connection's idle clock starts, a drain goes on)."""

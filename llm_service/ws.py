@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -115,6 +116,8 @@ class Connection:
 
     def __init__(self, websocket: WebSocket, service: Service, registry: SessionRegistry):
         self.ws = websocket
+        # the socket's own send: a frame goes out through no wrapper of this class
+        self.send_text: Callable[[str], Awaitable[None]] = websocket.send_text
         self.settings = service.settings
         self.telemetry = service.telemetry
         self.default_config = service.default_config
@@ -125,9 +128,6 @@ class Connection:
         self._draining: ServiceShuttingDown | None = None
         self._receiver: asyncio.Task[str] | None = None
         self._idle = Deadline(asyncio.get_running_loop(), self._idled)
-
-    async def send_text(self, text: str) -> None:
-        await self.ws.send_text(text)
 
     async def run(self) -> None:
         self.telemetry.session_started()
@@ -200,7 +200,10 @@ class Connection:
                 reply.start(conv.start_turn(text))
                 self.registry.save_soon(session, detached=False)
             case Cancel():
-                await reply.cancel()
+                if session.following is not None:  # streaming on another replica
+                    await self.registry.request_cancel(session)
+                else:
+                    await reply.cancel()
             case StartSession():
                 self._refuse_if_busy()
                 prompt, sampling = frame.changes()
