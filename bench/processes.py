@@ -14,7 +14,9 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +169,39 @@ def start_baseline(upstream: str, logs: Path) -> Proc:
         upstream,
     ]
     return _start("baseline", args, dict(os.environ), port, "/openapi.json", logs)
+
+
+def start_redis(logs: Path) -> Proc:
+    """A `redis-server` of the benchmark's own on a free port of 127.0.0.1, persisting nothing
+    (no snapshots, no append-only file), waited for until it answers PING. Its URL for
+    LLM_SESSION_STORE is `redis://127.0.0.1:PORT/0`."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(logs)]
+    log = logs / f"redis-{port}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            [*args, "--save", "", "--appendonly", "no"],
+            cwd=logs,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+    proc = Proc("redis", popen, port, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"redis-server exited during start-up:\n{proc.log_tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.stop()
+    raise RuntimeError(f"redis-server did not answer PING within 30 s:\n{proc.log_tail()}")
 
 
 def rss_kib(pid: int) -> int:

@@ -380,3 +380,103 @@ async def scrape(monitoring_port: int) -> list[tuple[str, str, float]]:
     async with httpx.AsyncClient(timeout=2) as client:
         text = (await client.get(f"http://127.0.0.1:{monitoring_port}/metrics")).text
     return [(name, labels, float(value)) for name, labels, value in _SAMPLE.findall(text)]
+
+
+# Sessions (`sessions.py`) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resumable:
+    """What a client keeps to resume its session: the id, the token, the last `seq` it saw."""
+
+    session_id: str
+    token: str
+    last_seq: int
+
+
+async def open_resumable(url: str) -> tuple[ClientConnection, Resumable]:
+    """A WebSocket to `url` that has received its `session_started`, and that session."""
+    ws = await connect(
+        url,
+        compression=None,
+        proxy=None,
+        ping_interval=None,
+        open_timeout=30,
+        close_timeout=5,
+        max_size=2**24,
+    )
+    frame = orjson.loads(await ws.recv())
+    session_id, token, seq = (frame.get(k) for k in ("session_id", "resume_token", "seq"))
+    if frame.get("type") != "session_started" or seq != 0:
+        await ws.close()
+        raise BenchError(f"expected session_started with seq 0, got {frame}")
+    if not isinstance(session_id, str) or not isinstance(token, str) or token == session_id:
+        await ws.close()
+        raise BenchError(f"session_started without a distinct resume_token: {frame}")
+    return ws, Resumable(session_id, token, seq)
+
+
+async def leave_mid_turn(url: str, message: str) -> Resumable:
+    """A session whose client sends `message` and closes its socket at once, having seen no
+    more than `session_started`: what the reply sends, the client misses. With `delay=` in
+    the message the fake answers only after the socket is gone, so with LLM_RESUME_GRACE_S
+    the whole reply streams into the session's frame log."""
+    ws, session = await open_resumable(url)
+    try:
+        await ws.send(user_message(message))
+    finally:
+        await ws.close()
+    return session
+
+
+@dataclass
+class ResumeRun:
+    """One resume as the client saw it: times from sending `resume`, and what came back."""
+
+    resumed_s: float  # to `session_resumed`
+    first_s: float  # to the first replayed frame
+    last_s: float  # to the last replayed frame
+    replayed: int  # what `session_resumed` announced
+    generating: bool
+    seqs: list[int]  # the replayed frames' `seq`, in the order they came
+    text: str  # the replayed token frames' text, joined
+    last_type: str  # the type of the last replayed frame
+
+
+async def ws_resume(url: str, session: Resumable) -> ResumeRun:
+    """Resume `session` on a new connection to `url` (its first frame after that connection's
+    own `session_started`) and read the replay `session_resumed` announces; then close."""
+    ws, _ = await open_resumable(url)
+    try:
+        resume = {
+            "type": "resume",
+            "session_id": session.session_id,
+            "resume_token": session.token,
+            "last_seq": session.last_seq,
+        }
+        text = orjson.dumps(resume).decode()
+        clock = time.perf_counter
+        started = clock()
+        await ws.send(text)
+        head = orjson.loads(await ws.recv())
+        resumed = clock() - started
+        if head.get("type") != "session_resumed" or not head.get("replayed"):
+            raise BenchError(f"expected session_resumed with frames to replay, got {head}")
+        frames = [await ws.recv()]
+        first = clock() - started
+        for _ in range(int(head["replayed"]) - 1):
+            frames.append(await ws.recv())
+        last = clock() - started
+    finally:
+        await ws.close()
+    parsed = [orjson.loads(raw) for raw in frames]
+    return ResumeRun(
+        resumed_s=resumed,
+        first_s=first,
+        last_s=last,
+        replayed=int(head["replayed"]),
+        generating=bool(head.get("generating")),
+        seqs=[int(f.get("seq", -1)) for f in parsed],
+        text="".join(str(f["data"]) for f in parsed if f.get("type") == "token"),
+        last_type=str(parsed[-1].get("type")),
+    )
