@@ -11,6 +11,12 @@ cut short is not stored). A turn cut short by a cancel, a disconnect or an engin
 keeps the user message and the partial reply together, marked `interrupted` or `incomplete`;
 a turn that produced no text at all leaves the history as it was.
 
+Each reply has a `response_id` (the client's, or one made here), kept on its history entry
+so a voice client can `truncate` it to what the user heard: the entry is cut to that prefix,
+marked `interrupted`, and its tokens counted again. With `chunking` set, the reply is handed
+on in clauses or sentences (`chunking.py`); the stored text is still exactly what was handed
+on, and a piece held when the reply is cancelled is handed on with the cancel.
+
 Token counts come from the engine where it reports them (`StreamEnd.prompt_tokens`,
 `completion_tokens`, or the backend's own tokenizer); `estimate_tokens` covers text not yet
 counted. Everything here is plain values: the wire shapes live in `protocol.py`.
@@ -28,7 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from llm_service.backends.base import ChatMessage, ChatRequest, LLMBackend, Role, StreamEnd
-from llm_service.errors import ContextOverflow, InvalidConfig, MessageTooLong, RateLimited
+from llm_service.chunking import Chunker
+from llm_service.errors import (
+    ContextOverflow,
+    InvalidConfig,
+    InvalidMessage,
+    MessageTooLong,
+    RateLimited,
+)
 from llm_service.metrics import Telemetry
 from llm_service.sampling import SamplingParams
 from llm_service.timing import SlidingWindow
@@ -39,6 +52,8 @@ MESSAGE_OVERHEAD = 4
 REPLY_PRIMER = 3
 
 Status = Literal["complete", "interrupted", "incomplete", "streaming"]
+Chunking = Literal["none", "clause", "sentence"]
+MAX_RESPONSE_ID = 64
 
 
 def estimate_tokens(text: str) -> int:
@@ -58,14 +73,20 @@ class SessionConfig:
 
     system_prompt: str
     sampling: SamplingParams
+    chunking: Chunking = "none"  # what one token frame holds: an engine chunk, or a piece
 
     def updated(
-        self, system_prompt: str | None, sampling: Mapping[str, Any], context_window: int
+        self,
+        system_prompt: str | None,
+        sampling: Mapping[str, Any],
+        context_window: int,
+        chunking: Chunking | None = None,
     ) -> SessionConfig:
         """This config with what the client set; raises `InvalidConfig` if it cannot work."""
         new = SessionConfig(
             self.system_prompt if system_prompt is None else system_prompt,
             self.sampling.updated(sampling),
+            self.chunking if chunking is None else chunking,
         )
         max_tokens = new.sampling.max_tokens
         if max_tokens >= context_window:
@@ -93,6 +114,7 @@ class Entry:
     content: str
     tokens: int
     status: Status = "complete"
+    response_id: str | None = None  # an assistant entry's reply
 
 
 @dataclass(slots=True)
@@ -108,6 +130,7 @@ class TurnStats:
     token_frames: int
     done_reason: str | None = None
     engine_tokens_per_second: float | None = None
+    time_to_first_chunk_ms: float | None = None  # with chunking: the first piece
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,42 +153,56 @@ class Turn:
         prompt: list[ChatMessage],
         prompt_tokens: int,
         dropped: int,
+        response_id: str,
     ) -> None:
         self._conversation = conversation
         self.user = user
         self.prompt = prompt
         self.prompt_tokens = prompt_tokens
         self.dropped = dropped
+        self.response_id = response_id
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
-        self.parts: list[str] = []  # the chunks delivered so far
+        self.first_piece_at: float | None = None
+        self.parts: list[str] = []  # the chunks (or pieces) delivered so far
+        self.engine_chunks = 0  # with chunking: the chunks the engine streamed
         self.end: StreamEnd | None = None
         self.finished_at: float | None = None
+        mode = conversation.config.chunking
+        self._chunker = None if mode == "none" else Chunker(mode)
+        self.flush_on_stop = False  # a cancel: the piece held goes out with it
+        self.flushed = ""  # what that flush handed on
 
     async def stream(self) -> AsyncGenerator[str | TurnStats, None]:
         """Yield the reply's text chunks, then its `TurnStats`; update the history at the end."""
         conv = self._conversation
-        inter_token = conv.telemetry.inter_token
-        parts = self.parts
         outcome: Status = "incomplete"
         request = ChatRequest(
             self.prompt, conv.config.sampling, conv.context_window, conv.session_id
         )
         try:
             async with aclosing(conv.backend.stream_chat(request)) as chunks:
-                last = 0.0
-                async for item in chunks:
-                    if type(item) is str:
-                        now = time.perf_counter()
-                        if last:
-                            inter_token.observe(now - last)
-                        else:
-                            self.first_token_at = now
-                        last = now
-                        yield item
-                        parts.append(item)  # asked for more: the chunk was delivered
-                    elif isinstance(item, StreamEnd):
-                        self.end = item
+                if self._chunker is not None:
+                    pieces = self._pieces(self._timed(chunks), self._chunker)
+                    async with aclosing(pieces):
+                        async for piece in pieces:
+                            yield piece
+                else:  # the hot path: the chunks as they come, no layer between
+                    inter_token = conv.telemetry.inter_token
+                    parts = self.parts
+                    last = 0.0
+                    async for item in chunks:
+                        if type(item) is str:
+                            now = time.perf_counter()
+                            if last:
+                                inter_token.observe(now - last)
+                            else:
+                                self.first_token_at = now
+                            last = now
+                            yield item
+                            parts.append(item)  # asked for more: the chunk was delivered
+                        elif isinstance(item, StreamEnd):
+                            self.end = item
             outcome = "complete"
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "interrupted"
@@ -175,13 +212,63 @@ class Turn:
             conv._finish(self, outcome)
         yield self.stats()
 
+    async def _timed(
+        self, chunks: AsyncGenerator[str | StreamEnd, None]
+    ) -> AsyncGenerator[str, None]:
+        """The engine's text chunks, timed as the hot path times them; its `StreamEnd` kept."""
+        inter_token = self._conversation.telemetry.inter_token
+        last = 0.0
+        async for item in chunks:
+            if type(item) is str:
+                now = time.perf_counter()
+                if last:
+                    inter_token.observe(now - last)
+                else:
+                    self.first_token_at = now
+                last = now
+                yield item
+            elif isinstance(item, StreamEnd):
+                self.end = item
+
+    async def _pieces(
+        self, chunks: AsyncGenerator[str, None], chunker: Chunker
+    ) -> AsyncGenerator[str, None]:
+        """The reply in clauses or sentences, each recorded as delivered once the next is
+        asked for; the rest when the reply ends, or, on a cancel, when it stops between
+        pieces (a piece whose send was cut short ends it: nothing after it is handed on)."""
+        parts = self.parts
+        between = True  # not suspended on a piece being sent
+        try:
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    self.engine_chunks += 1
+                    for piece in chunker.feed(chunk):
+                        if self.first_piece_at is None:
+                            self.first_piece_at = time.perf_counter()
+                        between = False
+                        yield piece
+                        parts.append(piece)
+                        between = True
+            if rest := chunker.flush():
+                if self.first_piece_at is None:
+                    self.first_piece_at = time.perf_counter()
+                yield rest
+                parts.append(rest)
+        except (asyncio.CancelledError, GeneratorExit):
+            if self.flush_on_stop and between and (rest := chunker.flush()):
+                parts.append(rest)
+                self.flushed = rest
+            raise
+
     def stats(self) -> TurnStats:
         end = self.end or StreamEnd()
         now = self.finished_at or time.perf_counter()
         elapsed = now - self.started_at
         frames = len(self.parts)
-        tokens = end.completion_tokens if end.completion_tokens is not None else frames
+        counted = self.engine_chunks if self._chunker is not None else frames
+        tokens = end.completion_tokens if end.completion_tokens is not None else counted
         ttft = None if self.first_token_at is None else (self.first_token_at - self.started_at)
+        ttfc = None if self.first_piece_at is None else (self.first_piece_at - self.started_at)
         return TurnStats(
             tokens_generated=tokens,
             processing_time_ms=elapsed * 1000,
@@ -192,6 +279,7 @@ class Turn:
             token_frames=frames,
             done_reason=end.done_reason,
             engine_tokens_per_second=end.engine_tokens_per_second,
+            time_to_first_chunk_ms=None if ttfc is None else ttfc * 1000,
         )
 
 
@@ -229,7 +317,7 @@ class Conversation:
         exact = self.backend.count_tokens(text)
         return (exact if exact is not None else estimate_tokens(text)) + MESSAGE_OVERHEAD
 
-    def start_turn(self, text: str) -> Turn:
+    def start_turn(self, text: str, response_id: str | None = None) -> Turn:
         """Admit `text` and plan its turn: the prompt that fits the window, oldest turns
         dropped. Only a turn that is started counts against the rate limit."""
         limits = self.limits
@@ -243,12 +331,12 @@ class Conversation:
                 f"at most {limits.per_minute} turns a minute on one connection; retry later",
                 retry_after_ms=max(1, round(wait * 1000)),
             )
-        turn = self._plan(text)
+        turn = self._plan(text, response_id or new_response_id())
         self._rate.record()
         self.current = turn
         return turn
 
-    def _plan(self, text: str) -> Turn:
+    def _plan(self, text: str, response_id: str) -> Turn:
         user = Entry("user", text, self.count(text))
         max_tokens = self.config.sampling.max_tokens
         budget = self.context_window - max_tokens - REPLY_PRIMER
@@ -269,7 +357,7 @@ class Conversation:
             dropped += 2
         kept = ([self.system] if self.system else []) + self.entries[dropped:] + [user]
         prompt = [ChatMessage(e.role, e.content) for e in kept]
-        return Turn(self, user, prompt, total + REPLY_PRIMER, dropped)
+        return Turn(self, user, prompt, total + REPLY_PRIMER, dropped, response_id)
 
     def _finish(self, turn: Turn, outcome: Status) -> None:
         self.current = None
@@ -286,7 +374,8 @@ class Conversation:
                 if end.prompt_tokens - others > 0:
                     turn.user.tokens = end.prompt_tokens - others
             del self.entries[: turn.dropped]
-            self.entries += [turn.user, Entry("assistant", reply, reply_tokens, outcome)]
+            assistant = Entry("assistant", reply, reply_tokens, outcome, turn.response_id)
+            self.entries += [turn.user, assistant]
         self.turns += 1
         self.tokens_generated += stats.tokens_generated
         label = {"complete": "completed", "interrupted": "cancelled", "incomplete": "failed"}
@@ -299,7 +388,31 @@ class Conversation:
             ttft_s=None
             if stats.time_to_first_token_ms is None
             else stats.time_to_first_token_ms / 1000,
+            ttfc_s=None
+            if stats.time_to_first_chunk_ms is None
+            else stats.time_to_first_chunk_ms / 1000,
         )
+
+    def truncate(self, response_id: str, heard_chars: int) -> int:
+        """`truncate`: the latest reply, once it has ended, becomes its first `heard_chars`
+        code points, marked interrupted and counted again; returns the characters kept."""
+        if self.current is not None:
+            raise InvalidMessage(
+                "a reply is still streaming: only the latest reply, once it has ended, "
+                "can be truncated (send cancel first)"
+            )
+        latest = self.entries[-1] if self.entries else None
+        if latest is None or latest.response_id != response_id:
+            raise InvalidMessage(
+                f"response_id {response_id[:MAX_RESPONSE_ID]!r} is not the latest reply; "
+                "only the latest reply can be truncated"
+            )
+        if heard_chars >= len(latest.content):
+            return len(latest.content)  # all of it was heard: nothing to cut
+        latest.content = latest.content[:heard_chars]
+        latest.status = "interrupted"
+        latest.tokens = self.count(latest.content)
+        return heard_chars
 
     def messages(self) -> list[Entry]:
         """The whole history: the system prompt, then the turns, then the turn in flight
@@ -307,7 +420,7 @@ class Conversation:
         history = ([self.system] if self.system else []) + self.entries
         turn = self.current
         if turn is not None:
-            reply = Entry("assistant", "".join(turn.parts), 0, "streaming")
+            reply = Entry("assistant", "".join(turn.parts), 0, "streaming", turn.response_id)
             history += [turn.user, reply]
         return history
 
@@ -322,3 +435,7 @@ class Conversation:
 
 def new_session_id() -> str:
     return str(uuid.uuid4())
+
+
+def new_response_id() -> str:
+    return f"resp_{uuid.uuid4().hex}"

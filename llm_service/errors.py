@@ -64,6 +64,7 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.response_id: str | None = None  # the reply it ended or refused, once known
 
 
 class ClientError(ServiceError):

@@ -133,7 +133,7 @@ class Generation:
                                 log.info("resume_buffer_full", frames=frames.undelivered())
                                 break  # the client would miss frames: stop (interrupted)
                         else:
-                            await self._send(protocol.response_complete, item)
+                            await self._send(protocol.response_complete, item, turn.response_id)
                             log.info("turn_completed", tokens=item.tokens_generated)
                 except BaseException:
                     self._unwinding = True  # the stream is closing: let that finish
@@ -141,13 +141,16 @@ class Generation:
         except ServiceError as exc:
             cause = None if exc.__cause__ is None else repr(exc.__cause__)
             log.warning("turn_failed", code=exc.code, error=exc.message, cause=cause)
+            exc.response_id = turn.response_id
             await self.send_error(exc)
             socket = session.socket
             if not exc.recoverable and socket is not None:
                 socket.failed_for_good(exc)  # no turn on this socket can succeed: end it
         except Exception as exc:  # the boundary: a bug ends the turn with a frame, not the socket
             log.exception("turn_crashed")
-            await self.send_error(InternalError(f"internal error: {type(exc).__name__}"))
+            crash = InternalError(f"internal error: {type(exc).__name__}")
+            crash.response_id = turn.response_id
+            await self.send_error(crash)
         finally:
             sends.stop()
             session.reply_ended()
@@ -164,18 +167,22 @@ class Generation:
             self._session.lost()
 
     async def cancel(self) -> None:
-        """Answer `cancel`: stop the reply, then say so, with what was sent."""
+        """Answer `cancel`: stop the reply, then say so, with what was sent. With chunking,
+        the piece held back for its clause to end is sent first (and stored)."""
         turn = self.turn
         if not self.busy or turn is None:
             await self._session.send(protocol.cancelled, None)
             return
         started = time.perf_counter()
         sent_when_read = len(turn.parts)
+        turn.flush_on_stop = True
         await self.stop()
         self._telemetry.cancel_latency.observe(time.perf_counter() - started)
         log.info("turn_cancelled", sent_tokens=len(turn.parts))
+        if turn.flushed:
+            await self._session.send(protocol.token, turn.flushed)
         after = len(turn.parts) - sent_when_read  # frames sent after the cancel was read
-        await self._session.send(protocol.cancelled, turn.stats(), after)
+        await self._session.send(protocol.cancelled, turn.stats(), after, turn.response_id)
 
     async def stop(self) -> None:
         """Cancel the task, if any, and wait until its upstream stream is closed.

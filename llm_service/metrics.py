@@ -168,6 +168,12 @@ class Telemetry:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.ttfc = Histogram(
+            p + "time_to_first_chunk_seconds",
+            "From user_message to the first clause or sentence (sessions with chunking)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inter_token = HotHistogram(
             p + "inter_token_gap_seconds",
             "Gap between consecutive token frames",
@@ -238,6 +244,7 @@ class Telemetry:
         trimmed: int,
         duration_s: float,
         ttft_s: float | None,
+        ttfc_s: float | None = None,
     ) -> None:
         self.totals.total_turns += 1
         self.totals.total_tokens_generated += tokens
@@ -250,6 +257,8 @@ class Telemetry:
         self.turn_duration.observe(duration_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
+        if ttfc_s is not None:
+            self.ttfc.observe(ttfc_s)
 
     def stats(self) -> dict[str, Any]:
         """The body of `GET /stats`."""

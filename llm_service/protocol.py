@@ -21,7 +21,14 @@ import orjson
 from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field, ValidationError, create_model
 
-from llm_service.conversation import Entry, SessionConfig, SessionSummary, TurnStats
+from llm_service.conversation import (
+    MAX_RESPONSE_ID,
+    Chunking,
+    Entry,
+    SessionConfig,
+    SessionSummary,
+    TurnStats,
+)
 from llm_service.errors import (
     InvalidConfig,
     InvalidJSON,
@@ -37,6 +44,7 @@ ConfigUpdate = create_model(
     __config__=ConfigDict(strict=True, extra="ignore", frozen=True),
     __doc__="The `config` of a `start_session` frame: every field optional, checked strictly.",
     system_prompt=(str | None, Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)),
+    chunking=(Chunking | None, None),
     **SamplingParams.optional_fields(),
 )
 
@@ -46,15 +54,23 @@ class StartSession:
     config: Any  # a ConfigUpdate, whose fields are built from SamplingParams'
     ignored: tuple[str, ...] = ()  # fields of the config the service does not know
 
-    def changes(self) -> tuple[str | None, dict[str, Any]]:
-        """The system prompt and the sampler settings the client set."""
+    def changes(self) -> tuple[str | None, dict[str, Any], Chunking | None]:
+        """The system prompt, the sampler settings and the chunking the client set."""
         values = self.config.model_dump(exclude_none=True)
-        return values.pop("system_prompt", None), values
+        return values.pop("system_prompt", None), values, values.pop("chunking", None)
 
 
 @dataclass(frozen=True, slots=True)
 class UserMessage:
     text: str
+    response_id: str | None = None  # the client's name for the reply; None: one is made
+    interrupt: bool = False  # cancel the reply streaming, if any, and start this one
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate:
+    response_id: str
+    heard_chars: int  # code points of the reply the user heard
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,14 +95,14 @@ class Resume:
     last_seq: int  # the last seq the client saw; -1: none
 
 
-ClientFrame = StartSession | UserMessage | Cancel | EndSession | GetHistory | Resume
+ClientFrame = StartSession | UserMessage | Truncate | Cancel | EndSession | GetHistory | Resume
 
 _SIMPLE: dict[str, ClientFrame] = {
     "cancel": Cancel(),
     "end_session": EndSession(),
     "get_history": GetHistory(),
 }
-KNOWN_TYPES = ("start_session", "user_message", "resume", *_SIMPLE)
+KNOWN_TYPES = ("start_session", "user_message", "truncate", "resume", *_SIMPLE)
 _MAX_ID = 128
 _SAMPLING = SamplingParams.names()
 
@@ -110,7 +126,15 @@ def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
             raise InvalidMessage("user_message needs a string field 'text'")
         if not body.strip():
             raise InvalidMessage("user_message 'text' must not be empty")
-        return UserMessage(body)
+        if len(data) == 2:
+            return UserMessage(body)  # the common frame: type and text alone
+        response_id = None if data.get("response_id") is None else _response_id(data)
+        return UserMessage(body, response_id, _interrupt(data))
+    if kind == "truncate":
+        heard = data.get("heard_chars")
+        if type(heard) is not int or not 0 <= heard < 2**53:
+            raise InvalidMessage("truncate needs an integer field 'heard_chars' (0 or more)")
+        return Truncate(_response_id(data), heard)
     if kind == "start_session":
         return _parse_config(data.get("config"))
     if kind == "resume":
@@ -146,6 +170,22 @@ def _parse_resume(data: dict[str, Any]) -> Resume:
     if type(last_seq) is not int or not -1 <= last_seq < 2**53:
         raise InvalidMessage("resume needs an integer field 'last_seq' (-1 when none was seen)")
     return Resume(session_id, token, last_seq)
+
+
+def _response_id(data: dict[str, Any]) -> str:
+    value = data.get("response_id")
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_RESPONSE_ID:
+        raise InvalidMessage(
+            f"{data['type']} 'response_id' must be a string of 1 to {MAX_RESPONSE_ID} characters"
+        )
+    return value
+
+
+def _interrupt(data: dict[str, Any]) -> bool:
+    value = data.get("interrupt", False)
+    if not isinstance(value, bool):
+        raise InvalidMessage("user_message 'interrupt' must be true or false")
+    return value
 
 
 def _json_kind(value: Any) -> str:
@@ -205,18 +245,31 @@ def session_configured(
     return _encode(frame, seq)
 
 
-def response_complete(seq: int, stats: TurnStats) -> str:
-    return _encode({"type": "response_complete", "stats": stats_body(stats)}, seq)
+def response_complete(seq: int, stats: TurnStats, response_id: str) -> str:
+    frame = {"type": "response_complete", "response_id": response_id, "stats": stats_body(stats)}
+    return _encode(frame, seq)
 
 
-def cancelled(seq: int, stats: TurnStats | None, frames_after_cancel: int = 0) -> str:
+def cancelled(
+    seq: int,
+    stats: TurnStats | None,
+    frames_after_cancel: int = 0,
+    response_id: str | None = None,
+) -> str:
     """`cancelled`: with the stopped turn's stats, or `success: false` when none ran."""
     if stats is None:
         return _encode({"type": "cancelled", "success": False}, seq)
     body = stats_body(stats)
-    # the promise: at most one more token frame once the cancel was read
+    # the promise: at most one more token frame once the cancel was read (with chunking,
+    # and the piece held then flushed as one more)
     body["token_frames_after_cancel"] = frames_after_cancel
-    return _encode({"type": "cancelled", "success": True, "stats": body}, seq)
+    frame = {"type": "cancelled", "success": True, "response_id": response_id, "stats": body}
+    return _encode(frame, seq)
+
+
+def truncated(seq: int, response_id: str, kept_chars: int) -> str:
+    frame = {"type": "truncated", "response_id": response_id, "kept_chars": kept_chars}
+    return _encode(frame, seq)
 
 
 def session_ended(seq: int, session_id: str, summary: SessionSummary) -> str:
@@ -230,7 +283,10 @@ def history(seq: int, session_id: str, entries: Sequence[Entry]) -> str:
 
 
 def error(seq: int | None, exc: ServiceError) -> str:
-    return _encode({"type": "error", "error": error_body(exc)}, seq)
+    frame: dict[str, Any] = {"type": "error", "error": error_body(exc)}
+    if exc.response_id is not None:  # the error ends (or refused) that reply
+        frame["response_id"] = exc.response_id
+    return _encode(frame, seq)
 
 
 # The frame types that end a turn: what a replica following another's reply waits for.
@@ -262,7 +318,7 @@ def error_body(exc: ServiceError) -> dict[str, Any]:
 
 
 def config_body(config: SessionConfig) -> dict[str, Any]:
-    body: dict[str, Any] = {"system_prompt": config.system_prompt}
+    body: dict[str, Any] = {"system_prompt": config.system_prompt, "chunking": config.chunking}
     body.update(config.sampling.model_dump())
     body["stop"] = list(config.sampling.stop)
     return body
@@ -283,5 +339,7 @@ def messages(entries: Sequence[Entry]) -> list[dict[str, Any]]:
         message: dict[str, Any] = {"role": entry.role, "content": entry.content}
         if entry.role == "assistant":
             message["status"] = entry.status
+            if entry.response_id is not None:
+                message["response_id"] = entry.response_id
         out.append(message)
     return out

@@ -192,10 +192,11 @@ class Session:
             token_hash=self.token_hash,
             config={
                 "system_prompt": conv.config.system_prompt,
+                "chunking": conv.config.chunking,
                 **conv.config.sampling.model_dump(mode="json"),
             },
             messages=[
-                {"role": e.role, "content": e.content, "tokens": e.tokens, "status": e.status}
+                _message(e)
                 for e in conv.messages()
                 if e.role != "system" and e.status != "streaming"
             ],
@@ -351,7 +352,10 @@ class SessionRegistry:
         service = self.service
         sampling = dict(record.config)
         prompt = str(sampling.pop("system_prompt", "") or "")
-        config = SessionConfig(prompt, service.default_config.sampling.updated(sampling))
+        chunking = sampling.pop("chunking", "none")
+        if chunking not in ("none", "clause", "sentence"):
+            chunking = "none"
+        config = SessionConfig(prompt, service.default_config.sampling.updated(sampling), chunking)
         conversation = Conversation(
             session_id=record.session_id,
             config=config,
@@ -481,6 +485,16 @@ class SessionRegistry:
         except StoreError as exc:
             self._failed(exc)
 
+    async def interrupt(self, session: Session) -> None:
+        """Cancel the reply in flight, here or on the replica streaming it, and wait until
+        its `cancelled` has gone out (a `user_message` with `interrupt` follows it)."""
+        following = session.following
+        if following is None:
+            await session.reply.cancel()
+            return
+        await self.request_cancel(session)
+        await asyncio.wait({following}, timeout=_CLOSE_LIMIT_S)
+
     async def request_cancel(self, session: Session) -> None:
         """`cancel` of a reply another replica streams: ask it; its `cancelled` follows."""
         await self._announce("cancel", session.id)
@@ -609,9 +623,22 @@ class SessionRegistry:
         }
 
 
+def _message(entry: Entry) -> dict[str, Any]:
+    message = {
+        "role": entry.role,
+        "content": entry.content,
+        "tokens": entry.tokens,
+        "status": entry.status,
+    }
+    if entry.response_id is not None:
+        message["response_id"] = entry.response_id
+    return message
+
+
 def _restore_history(conversation: Conversation, record: SessionRecord) -> None:
     conversation.entries = [
-        Entry(m["role"], m["content"], int(m["tokens"]), m["status"]) for m in record.messages
+        Entry(m["role"], m["content"], int(m["tokens"]), m["status"], m.get("response_id"))
+        for m in record.messages
     ]
     conversation.turns = record.turns
     conversation.tokens_generated = record.tokens_generated

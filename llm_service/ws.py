@@ -26,6 +26,7 @@ import structlog
 from fastapi import APIRouter, WebSocket
 
 from llm_service import protocol
+from llm_service.conversation import new_response_id
 from llm_service.errors import (
     GenerationInProgress,
     InternalError,
@@ -37,7 +38,15 @@ from llm_service.errors import (
 from llm_service.generation import GONE as _GONE
 from llm_service.hub import Hub
 from llm_service.metrics import Telemetry
-from llm_service.protocol import Cancel, EndSession, GetHistory, Resume, StartSession, UserMessage
+from llm_service.protocol import (
+    Cancel,
+    EndSession,
+    GetHistory,
+    Resume,
+    StartSession,
+    Truncate,
+    UserMessage,
+)
 from llm_service.registry import SessionRegistry, resume_gap
 from llm_service.security import chosen_subprotocol
 from llm_service.service import Service
@@ -195,9 +204,11 @@ class Connection:
         session = self.session
         conv, reply, send = session.conversation, session.reply, session.send
         match frame:
-            case UserMessage(text=text):
-                self._refuse_if_busy()
-                reply.start(conv.start_turn(text))
+            case UserMessage():
+                await self._user_message(frame)
+            case Truncate(response_id=response_id, heard_chars=heard):
+                kept = conv.truncate(response_id, heard)
+                await send(protocol.truncated, response_id, kept)
                 self.registry.save_soon(session, detached=False)
             case Cancel():
                 if session.following is not None:  # streaming on another replica
@@ -206,8 +217,10 @@ class Connection:
                     await reply.cancel()
             case StartSession():
                 self._refuse_if_busy()
-                prompt, sampling = frame.changes()
-                config = self.default_config.updated(prompt, sampling, conv.context_window)
+                prompt, sampling, chunking = frame.changes()
+                config = self.default_config.updated(
+                    prompt, sampling, conv.context_window, chunking
+                )
                 conv.reset(config)
                 await send(protocol.session_configured, conv.session_id, config, frame.ignored)
                 self.registry.save_soon(session, detached=False)
@@ -221,6 +234,21 @@ class Connection:
             case Resume():
                 await self._resume(frame)
         return False
+
+    async def _user_message(self, frame: UserMessage) -> None:
+        """Start a turn; with `interrupt`, cancel the reply streaming first (its last frames
+        and its `cancelled` go out before the new reply's)."""
+        session = self.session
+        response_id = frame.response_id or new_response_id()
+        try:
+            if frame.interrupt and session.generating:
+                await self.registry.interrupt(session)
+            self._refuse_if_busy()
+            session.reply.start(session.conversation.start_turn(frame.text, response_id))
+        except ServiceError as exc:
+            exc.response_id = response_id  # the refusal names the reply it refused
+            raise
+        self.registry.save_soon(session, detached=False)
 
     def _refuse_if_busy(self) -> None:
         if self.session.generating:

@@ -26,6 +26,19 @@ from tests.process import ROOT, main_command
 RECV_TIMEOUT = 5.0
 
 
+class _ServerResponseId:
+    """Equal to any id the server assigns a reply (`resp_` and 32 hex digits)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and re.fullmatch(r"resp_[0-9a-f]{32}", other) is not None
+
+    def __repr__(self) -> str:
+        return "<server response_id>"
+
+
+ANY_ID: Any = _ServerResponseId()
+
+
 def bound_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -188,12 +201,19 @@ class Client:
         await self.send({"type": "user_message", "text": text})
         return await self.recv_until(("response_complete", "error"), limit)
 
-    async def history(self) -> list[dict[str, Any]]:
+    async def history(self, *, response_ids: bool = False) -> list[dict[str, Any]]:
+        """`get_history`'s messages; each assistant message's `response_id` is checked to be
+        there and left out unless `response_ids` (most tests compare the text alone)."""
         await self.send({"type": "get_history"})
         frame = await self.recv()
         assert frame["type"] == "history"
         messages: list[dict[str, Any]] = frame["messages"]
-        return messages
+        for message in messages:
+            if message["role"] == "assistant":
+                assert isinstance(message.get("response_id"), str), message
+        if response_ids:
+            return messages
+        return [{k: v for k, v in m.items() if k != "response_id"} for m in messages]
 
     async def close(self) -> None:
         await self.ws.close()

@@ -38,8 +38,8 @@ def conversation(
 
 
 def history(conv: Conversation) -> list[dict[str, Any]]:
-    """The history as `get_history` shows it."""
-    return messages(conv.messages())
+    """The history as `get_history` shows it, less the replies' ids (made per turn)."""
+    return [{k: v for k, v in m.items() if k != "response_id"} for m in messages(conv.messages())]
 
 
 async def run(turn: Turn) -> tuple[list[str], TurnStats]:

@@ -15,7 +15,15 @@ from llm_service.server import FRAME_MARGIN_BYTES
 from tests.fakes.ollama import FakeOllama, Reply
 from tests.support import Client, RunningService, tokens_of
 
-KNOWN = ["start_session", "user_message", "cancel", "end_session", "get_history", "resume"]
+KNOWN = [
+    "start_session",
+    "user_message",
+    "truncate",
+    "cancel",
+    "end_session",
+    "get_history",
+    "resume",
+]
 # Answers that close the exchange for one client frame.
 FINAL = {
     "error",
@@ -24,6 +32,7 @@ FINAL = {
     "history",
     "response_complete",
     "session_ended",
+    "truncated",
 }
 
 json_values = st.recursive(
@@ -49,6 +58,7 @@ config_values = st.dictionaries(
             "stop",
             "repeat_penalty",
             "min_p",
+            "chunking",
             "other",
         ]
     ),
@@ -63,6 +73,9 @@ frame_objects = st.fixed_dictionaries(
         "session_id": json_values | st.uuids().map(str),
         "resume_token": json_values | st.text(max_size=60),
         "last_seq": json_values | st.integers(-5, 10**6),
+        "response_id": json_values | st.text(max_size=70),
+        "interrupt": json_values,
+        "heard_chars": json_values | st.integers(-5, 10**6),
         "extra": json_values,
     },
 )

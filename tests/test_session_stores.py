@@ -354,8 +354,8 @@ async def test_a_reply_dropped_at_random_points_is_replayed_frame_for_frame(
 
 
 def _comparable(frame: dict[str, Any]) -> dict[str, Any]:
-    """A frame less what differs between two runs of one reply: its session, its timings."""
-    out = {k: v for k, v in frame.items() if k != "session_id"}
+    """A frame less what differs between two runs of one reply: its session, its id, its timings."""
+    out = {k: v for k, v in frame.items() if k not in ("session_id", "response_id")}
     if "stats" in out:
         out["stats"] = {k: v for k, v in out["stats"].items() if not isinstance(v, float)}
     return out

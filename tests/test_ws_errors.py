@@ -10,6 +10,7 @@ import pytest
 
 from tests.fakes.ollama import FakeOllama, Reply, fake_token_count
 from tests.support import (
+    ANY_ID,
     Client,
     RunningService,
     bound_socket,
@@ -187,7 +188,7 @@ async def test_http_errors_before_streaming_map_to_codes_and_leave_no_trace(
     await client.start()
     await client.turn("one")
     frames = await client.turn("two")
-    assert frames == [{"type": "error", "error": frames[0]["error"]}]
+    assert frames == [{"type": "error", "error": frames[0]["error"], "response_id": ANY_ID}]
     assert frames[0]["error"]["code"] == code
     assert frames[0]["error"]["recoverable"] is True
     assert [m["content"] for m in await client.history()] == ["one", "Fine."]
@@ -263,7 +264,7 @@ async def test_no_first_chunk_times_out(fake_ollama: FakeOllama) -> None:
         client = await service.connect()
         await client.start()
         frames = await client.turn("hello?")
-        assert frames == [{"type": "error", "error": frames[0]["error"]}]
+        assert frames == [{"type": "error", "error": frames[0]["error"], "response_id": ANY_ID}]
         assert frames[0]["error"]["code"] == "timeout"
         assert await client.history() == []
         await client.close()

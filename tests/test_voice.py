@@ -1,0 +1,413 @@
+"""Turns for voice pipelines: response ids, interrupt, truncate to what was heard, chunking.
+
+The conversation-level tests drive `Conversation` with the in-memory fake backend (the rules,
+and hypothesis over texts, splits and cut points); the rest run the real service over a
+socket in front of the fake Ollama and check the frames as a voice client reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llm_service.chunking import Chunker
+from llm_service.conversation import (
+    MAX_RESPONSE_ID,
+    Chunking,
+    Conversation,
+    SessionConfig,
+    Turn,
+    TurnStats,
+)
+from llm_service.errors import InvalidMessage
+from llm_service.metrics import Telemetry
+from llm_service.protocol import messages
+from tests.fakes.backend import FakeBackend, Scripted
+from tests.fakes.ollama import FakeOllama, Reply
+from tests.support import RunningService, make_settings, metric, tokens_of
+
+MODES: list[Chunking] = ["none", "clause", "sentence"]
+
+
+def conversation(backend: FakeBackend, chunking: Chunking = "none") -> Conversation:
+    settings_ = make_settings()
+    config = SessionConfig("", settings_.default_sampling(), chunking)
+    return Conversation("s1", config, backend, 8192, Telemetry())
+
+
+async def run(turn: Turn) -> tuple[list[str], TurnStats]:
+    texts: list[str] = []
+    async with aclosing(turn.stream()) as stream:
+        async for item in stream:
+            if isinstance(item, str):
+                texts.append(item)
+            else:
+                return texts, item
+    raise AssertionError("no stats")
+
+
+def split(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({min(c, len(text)) for c in cuts})
+    pieces = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
+    return [p for p in pieces if p] or [text]
+
+
+# -- the conversation's rules ----------------------------------------------------------------
+
+replies = st.text(
+    alphabet=st.sampled_from(list("abc XYZ.,;:!?…\n\"')(`。！？3🎉é")), min_size=1, max_size=300
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=replies, cuts=st.lists(st.integers(0, 300), max_size=25), mode=st.sampled_from(MODES))
+def test_the_frames_of_any_split_concatenate_to_the_reply_in_every_mode(
+    text: str, cuts: list[int], mode: Chunking
+) -> None:
+    async def check() -> None:
+        backend = FakeBackend()
+        backend.script.append(Scripted(split(text, cuts)))
+        conv = conversation(backend, mode)
+        frames, stats = await run(conv.start_turn("Speak."))
+        assert "".join(frames) == text
+        assert all(frames), "no frame is empty"
+        assert conv.entries[-1].content == text and conv.entries[-1].status == "complete"
+        assert stats.token_frames == len(frames)
+        if mode == "none":
+            assert stats.time_to_first_chunk_ms is None
+        else:
+            assert stats.time_to_first_chunk_ms is not None
+            assert stats.time_to_first_chunk_ms >= (stats.time_to_first_token_ms or 0)
+
+    asyncio.run(check())
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=replies, heard=st.integers(0, 320))
+def test_truncate_then_history_is_exactly_the_prefix_heard(text: str, heard: int) -> None:
+    async def check() -> None:
+        backend = FakeBackend(tokens_per_char=0.5)
+        backend.script.extend([Scripted([text]), Scripted(["Next."])])
+        conv = conversation(backend)
+        turn = conv.start_turn("Tell me.", "r1")
+        await run(turn)
+        full_tokens = conv.entries[-1].tokens
+        kept = conv.truncate("r1", heard)
+        assert kept == min(heard, len(text))
+        shown = messages(conv.messages())[-1]
+        assert shown["content"] == text[:heard] and shown["response_id"] == "r1"
+        assert shown["status"] == ("interrupted" if heard < len(text) else "complete")
+        assert conv.entries[-1].tokens == (
+            conv.count(text[:heard]) if heard < len(text) else full_tokens
+        )
+        await run(conv.start_turn("And?"))
+        prompt = [(m.role, m.content) for m in backend.calls[-1].messages]
+        assert prompt == [("user", "Tell me."), ("assistant", text[:heard]), ("user", "And?")]
+
+    asyncio.run(check())
+
+
+async def test_only_the_latest_reply_once_ended_can_be_truncated() -> None:
+    gate = asyncio.Event()
+    backend = FakeBackend()
+    backend.script.extend([Scripted(["One."]), Scripted(["Two", " and more."], gate=gate)])
+    conv = conversation(backend)
+    with pytest.raises(InvalidMessage):
+        conv.truncate("r1", 1)  # nothing said yet
+    await run(conv.start_turn("First?", "r1"))
+    turn = conv.start_turn("Second?", "r2")
+    stream = turn.stream()
+    assert await anext(stream) == "Two"
+    with pytest.raises(InvalidMessage, match="still streaming"):
+        conv.truncate("r2", 1)
+    with pytest.raises(InvalidMessage, match="still streaming"):
+        conv.truncate("r1", 1)
+    gate.set()
+    async for _ in stream:
+        pass
+    with pytest.raises(InvalidMessage, match="not the latest"):
+        conv.truncate("r1", 1)  # an earlier reply
+    assert conv.truncate("r2", 3) == 3
+    assert [e.content for e in conv.entries] == ["First?", "One.", "Second?", "Two"]
+
+
+async def test_with_chunking_tokens_generated_counts_the_engines_chunks() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["Hello", " there", ", my", " friend", "."]))
+    conv = conversation(backend, "clause")
+    frames, stats = await run(conv.start_turn("Hi"))
+    assert frames == ["Hello there, my friend."]
+    assert stats.tokens_generated == 5  # no count from the engine: its chunks, not our frames
+    assert stats.token_frames == len(frames)
+
+
+# -- over the socket -----------------------------------------------------------------------
+
+
+async def test_response_ids_are_the_clients_or_made_by_the_server(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(Reply(["Hi", "."]), Reply(["Again", "."]))
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Hello", "response_id": "turn-1"})
+    frames = await client.recv_until("response_complete")
+    assert frames[-1]["response_id"] == "turn-1"
+    assert all("response_id" not in f for f in frames[:-1]), "token frames stay as they were"
+
+    frames = await client.turn("Hello again")
+    made = frames[-1]["response_id"]
+    assert isinstance(made, str) and 0 < len(made) <= MAX_RESPONSE_ID and made != "turn-1"
+    history = await client.history(response_ids=True)
+    assert [m.get("response_id") for m in history if m["role"] == "assistant"] == ["turn-1", made]
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"response_id": "x" * (MAX_RESPONSE_ID + 1)},
+        {"response_id": 7},
+        {"response_id": ""},
+        {"interrupt": "yes"},
+    ],
+)
+async def test_a_bad_response_id_or_interrupt_is_an_invalid_message(
+    service: RunningService, fake_ollama: FakeOllama, frame: dict[str, Any]
+) -> None:
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Hello", **frame})
+    answer = await client.recv()
+    assert answer["type"] == "error" and answer["error"]["code"] == "invalid_message", answer
+    assert fake_ollama.chats == []  # nothing started
+    assert (await client.turn("Fine?"))[-1]["type"] == "response_complete"
+    await client.close()
+
+
+async def test_a_turns_errors_carry_its_response_id(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(
+        Reply(["Once", " upon", " a"], error_after=2),
+        Reply([f" w{i}" for i in range(40)], delay=0.02),
+    )
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Story", "response_id": "failing"})
+    frames = await client.recv_until("error")
+    assert frames[-1]["error"]["code"] == "upstream_error"
+    assert frames[-1]["response_id"] == "failing"
+
+    await client.send({"type": "user_message", "text": "Count", "response_id": "long"})
+    assert (await client.recv())["type"] == "token"
+    await client.send({"type": "user_message", "text": "Too soon", "response_id": "refused"})
+    refusal = await client.recv_until("error")
+    assert refusal[-1]["error"]["code"] == "generation_in_progress"
+    assert refusal[-1]["response_id"] == "refused"
+    ended = await client.recv_until("response_complete")
+    assert ended[-1]["response_id"] == "long"
+    await client.close()
+
+
+async def test_interrupt_cancels_the_reply_and_starts_the_new_turn_in_that_order(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(Reply([f" w{i}" for i in range(200)], delay=0.02), Reply(["New", " one."]))
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Count.", "response_id": "old"})
+    first = [await client.recv() for _ in range(3)]
+    await client.send(
+        {"type": "user_message", "text": "Stop, say hi.", "response_id": "new", "interrupt": True}
+    )
+    frames = first + await client.recv_until("response_complete")
+    kinds = [f["type"] for f in frames]
+    cut = kinds.index("cancelled")
+    assert kinds[:cut] == ["token"] * cut  # the old reply's last tokens,
+    assert frames[cut]["response_id"] == "old" and frames[cut]["success"] is True  # its end,
+    assert tokens_of(frames[cut + 1 :]) == ["New", " one."]  # then the new reply alone
+    assert frames[-1]["response_id"] == "new"
+    assert "error" not in kinds  # no generation_in_progress
+
+    assert fake_ollama.chats[0].closed_at is not None  # the old request closed upstream
+    history = await client.history()
+    old_text = "".join(tokens_of(frames[:cut]))
+    assert history == [
+        {"role": "user", "content": "Count."},
+        {"role": "assistant", "content": old_text, "status": "interrupted"},
+        {"role": "user", "content": "Stop, say hi."},
+        {"role": "assistant", "content": "New one.", "status": "complete"},
+    ]
+    assert [m["content"] for m in fake_ollama.chats[1].messages] == [
+        "Count.",
+        old_text,
+        "Stop, say hi.",
+    ]
+    await client.close()
+
+
+async def test_interrupt_with_nothing_streaming_just_starts_the_turn(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Hi", "interrupt": True})
+    frames = await client.recv_until("response_complete")
+    assert [f["type"] for f in frames] == ["token"] * (len(frames) - 1) + ["response_complete"]
+    await client.close()
+
+
+async def test_truncate_cuts_the_reply_to_what_was_heard_and_the_next_prompt_has_only_that(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    reply = ["Sure", "! The", " capital", " of", " France", " is", " Paris", "."]
+    fake_ollama.script(Reply(reply), Reply(["Yes", "."]))
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Capital?", "response_id": "r1"})
+    await client.recv_until("response_complete")
+    await client.send({"type": "truncate", "response_id": "r1", "heard_chars": 11})
+    answer = await client.recv()
+    assert answer == {"type": "truncated", "response_id": "r1", "kept_chars": 11}
+    history = await client.history()
+    assert history[-1] == {"role": "assistant", "content": "Sure! The c", "status": "interrupted"}
+    await client.turn("Really?")
+    assert [m["content"] for m in fake_ollama.chats[1].messages] == [
+        "Capital?",
+        "Sure! The c",
+        "Really?",
+    ]
+    await client.close()
+
+
+async def test_truncate_past_the_end_keeps_everything(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(Reply(["Héllo", " 🎉"]))
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Hi", "response_id": "r1"})
+    await client.recv_until("response_complete")
+    await client.send({"type": "truncate", "response_id": "r1", "heard_chars": 500})
+    assert (await client.recv())["kept_chars"] == len("Héllo 🎉") == 7  # code points
+    assert (await client.history())[-1] == {
+        "role": "assistant",
+        "content": "Héllo 🎉",
+        "status": "complete",
+    }
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        ({"response_id": "other", "heard_chars": 2}, "not the latest"),
+        ({"response_id": "r1", "heard_chars": -1}, "heard_chars"),
+        ({"response_id": "r1", "heard_chars": "3"}, "heard_chars"),
+        ({"response_id": "r1", "heard_chars": 1.5}, "heard_chars"),
+        ({"response_id": "r1"}, "heard_chars"),
+        ({"heard_chars": 2}, "response_id"),
+    ],
+)
+async def test_a_truncate_that_cannot_apply_is_an_invalid_message_and_changes_nothing(
+    service: RunningService, fake_ollama: FakeOllama, frame: dict[str, Any], why: str
+) -> None:
+    fake_ollama.script(Reply(["Hello", " there."]))
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Hi", "response_id": "r1"})
+    await client.recv_until("response_complete")
+    await client.send({"type": "truncate", **frame})
+    answer = await client.recv()
+    assert answer["type"] == "error" and answer["error"]["code"] == "invalid_message", answer
+    assert why in answer["error"]["message"]
+    assert (await client.history())[-1]["content"] == "Hello there."
+    await client.close()
+
+
+async def test_truncate_while_the_reply_streams_is_refused(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(Reply([f" w{i}" for i in range(30)], delay=0.02))
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "Count.", "response_id": "r1"})
+    assert (await client.recv())["type"] == "token"
+    await client.send({"type": "truncate", "response_id": "r1", "heard_chars": 2})
+    frames = await client.recv_until("error")
+    assert frames[-1]["error"]["code"] == "invalid_message"
+    assert (await client.recv_until("response_complete"))[-1]["response_id"] == "r1"
+    await client.close()
+
+
+async def test_clause_chunking_sends_whole_clauses_and_reports_the_first_ones_time(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    text = "Well, I think so. The answer, as far as I know, is forty-two! Anything else?"
+    chunks = [text[i : i + 3] for i in range(0, len(text), 3)]
+    fake_ollama.script(Reply(chunks))
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "start_session", "config": {"chunking": "clause"}})
+    configured = await client.recv()
+    assert configured["config"]["chunking"] == "clause"
+    frames = await client.turn("Question?")
+    chunker = Chunker("clause")
+    expected = [piece for chunk in chunks for piece in chunker.feed(chunk)]
+    expected += [rest] if (rest := chunker.flush()) else []
+    assert tokens_of(frames) == expected and len(expected) > 3
+    assert "".join(tokens_of(frames)) == text
+    stats = frames[-1]["stats"]
+    assert stats["time_to_first_chunk_ms"] >= stats["time_to_first_token_ms"]
+    assert stats["token_frames"] == len(expected)
+    assert (await client.history())[-1]["content"] == text
+    body = (await service.get("/metrics", monitoring=True)).text
+    assert metric(body, "llm_service_time_to_first_chunk_seconds_count") == 1
+    await client.close()
+
+
+async def test_chunking_is_none_by_default_and_checked(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "start_session", "config": {}})
+    assert (await client.recv())["config"]["chunking"] == "none"
+    await client.send({"type": "start_session", "config": {"chunking": "words"}})
+    answer = await client.recv()
+    assert answer["type"] == "error" and answer["error"]["code"] == "invalid_config"
+    assert "chunking" in answer["error"]["message"]
+    frames = await client.turn("Hi")
+    assert "time_to_first_chunk_ms" not in frames[-1]["stats"]
+    await client.close()
+
+
+async def test_cancel_with_chunking_flushes_the_piece_held_and_stores_what_was_sent(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    words = ["Well", " I", " think", " first,", " you", " take", " the", " long"] + [" on"] * 100
+    fake_ollama.script(Reply(words, delay=0.03))
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "start_session", "config": {"chunking": "sentence"}})
+    await client.recv()
+    await client.send({"type": "user_message", "text": "Directions?", "response_id": "d"})
+    first = await client.recv()  # the first piece: a clause of a few words, heard sooner
+    assert first["type"] == "token" and first["data"] == "Well I think first, ", first
+    await asyncio.sleep(0.1)  # more words, no boundary: held
+    await client.send({"type": "cancel"})
+    frames = [first, *await client.recv_until("cancelled")]
+    kinds = [f["type"] for f in frames]
+    assert kinds == ["token"] * (len(frames) - 1) + ["cancelled"]
+    assert len(frames) >= 3 and frames[-2]["data"].startswith("you take")  # the flush
+    assert frames[-1]["response_id"] == "d"
+    sent = "".join(tokens_of(frames))
+    history = await client.history()
+    assert history[-1] == {"role": "assistant", "content": sent, "status": "interrupted"}
+    await client.close()
