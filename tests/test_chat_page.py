@@ -22,6 +22,7 @@ import pytest
 from playwright.async_api import Page, expect
 
 from llm_service import web
+from llm_service.chunking import Chunker
 from tests.browser import Browser, chat_service, needs_chromium, open_page
 from tests.fakes.ollama import FakeOllama, Reply, fake_tokens
 from tests.support import RunningService, make_settings
@@ -155,6 +156,34 @@ async def test_stopping_a_slow_reply_marks_it_interrupted(
     await expect(page.locator("#stop")).to_be_disabled()
     await page.locator("#input").fill("Next")
     await expect(page.locator("#send")).to_be_enabled()
+    assert browser.errors == []
+
+
+@needs_chromium
+async def test_the_voice_view_shows_each_clause_on_a_line_of_its_own(
+    chat: RunningService, fake_ollama: FakeOllama, browser: Browser
+) -> None:
+    text = "Sure, here is the plan. First we walk, then we rest; after that, we eat."
+    chunks = [text[i : i + 4] for i in range(0, len(text), 4)]
+    fake_ollama.script(Reply(chunks=chunks))
+    chunker = Chunker("clause")
+    pieces = [piece for chunk in chunks for piece in chunker.feed(chunk)]
+    pieces += [rest] if (rest := chunker.flush()) else []
+    page = browser.page
+    await open_chat(page, chat)
+    await page.locator("#settings summary").click()
+    await page.locator("#chunking").select_option("clause")
+    await page.locator("#apply").click()
+    await expect(page.locator(".note").last).to_contain_text("voice view: clauses")
+
+    await say(page, "What is the plan?")
+
+    assert await finished_reply(page) == text
+    lines = page.locator(".msg.assistant .chunks li")
+    await expect(lines).to_have_count(len(pieces))
+    assert await lines.all_text_contents() == pieces and len(pieces) >= 4
+    meta = await page.locator(".msg.assistant .meta").text_content() or ""
+    assert re.search(r"first piece \d+ ms", meta), meta
     assert browser.errors == []
 
 

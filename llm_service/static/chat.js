@@ -11,7 +11,8 @@
     banner: $("banner"), bannerText: $("banner-text"), reconnect: $("reconnect"),
     composer: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
     settings: $("settings-form"), systemPrompt: $("system-prompt"), temperature: $("temperature"),
-    maxTokens: $("max-tokens"), apiKey: $("api-key"), apply: $("apply"),
+    maxTokens: $("max-tokens"), chunking: $("chunking"), apiKey: $("api-key"),
+    apply: $("apply"),
   };
   const KEY_STORE = "fasttalk.apiKey";
   // What a Sec-WebSocket-Protocol entry may hold (an RFC 7230 token).
@@ -23,6 +24,7 @@
   let stopping = false;
   let applied = null; // the config last applied; sent again after a reconnect
   let usedKey = ""; // the API key the current connection presented
+  let voice = false; // the session's chunking is clause or sentence: one line per piece
 
   // ---- connection ----------------------------------------------------------------------
 
@@ -152,6 +154,7 @@
         break;
       case "session_configured":
         el.session.textContent = frame.session_id;
+        voice = (frame.config.chunking || "none") !== "none";
         addNote(`New conversation · ${describeConfig(frame.config)}`);
         break;
       case "token":
@@ -238,9 +241,14 @@
     const body = addText(node, "");
     const meta = document.createElement("p");
     meta.className = "meta";
-    meta.textContent = "waiting for the first token…";
+    meta.textContent = voice ? "waiting for the first piece…" : "waiting for the first token…";
     node.append(meta);
-    reply = { node, text: body.appendChild(document.createTextNode("")), meta, tokens: 0 };
+    // In the voice view each token frame is a piece as a speech engine would get it: a line
+    // of its own, in a list that still reads as the whole reply.
+    const lines = voice ? body.appendChild(document.createElement("ol")) : null;
+    if (lines) lines.className = "chunks";
+    const run = lines ? null : body.appendChild(document.createTextNode(""));
+    reply = { node, text: run, lines, meta, tokens: 0 };
     scrollDown(true);
   }
 
@@ -248,7 +256,13 @@
     const stick = nearBottom();
     if (reply.tokens === 0) reply.meta.textContent = "streaming…";
     reply.tokens += 1;
-    reply.text.appendData(data);
+    if (reply.lines) {
+      const line = document.createElement("li");
+      line.textContent = data;
+      reply.lines.append(line);
+    } else {
+      reply.text.appendData(data);
+    }
     scrollDown(stick);
   }
 
@@ -275,6 +289,9 @@
     if (stats.time_to_first_token_ms != null) {
       parts.push(`first token ${Math.round(stats.time_to_first_token_ms)} ms`);
     }
+    if (stats.time_to_first_chunk_ms != null) {
+      parts.push(`first piece ${Math.round(stats.time_to_first_chunk_ms)} ms`);
+    }
     if (stats.tokens_per_second != null) {
       parts.push(`${Number(stats.tokens_per_second).toFixed(1)} tokens/s`);
     }
@@ -284,6 +301,8 @@
   function describeConfig(config) {
     const parts = [`temperature ${config.temperature}`, `max tokens ${config.max_tokens}`];
     parts.push(config.system_prompt ? "system prompt set" : "no system prompt");
+    const chunking = config.chunking || "none";
+    if (chunking !== "none") parts.push(`voice view: ${chunking}s`);
     return parts.join(" · ");
   }
 
@@ -321,6 +340,7 @@
     if (prompt) config.system_prompt = prompt;
     if (el.temperature.value !== "") config.temperature = Number(el.temperature.value);
     if (el.maxTokens.value !== "") config.max_tokens = Number(el.maxTokens.value);
+    config.chunking = el.chunking.value;
     applied = config;
     if (el.apiKey.value.trim() !== usedKey || !connected) {
       reconnect(); // session_started sends the config
