@@ -71,6 +71,7 @@ async def build_service(
         telemetry,
         max_inflight=settings.llm_upstream_max_inflight,
         probe_interval_s=settings.llm_upstream_probe_interval_s,
+        session_idle_s=settings.llm_session_ttl_s,
     )
     stack.push_async_callback(pool.aclose)
     health = EngineHealth(pool, settings.health_cache_ttl_s, telemetry)

@@ -6,11 +6,16 @@ server, the embedded engine) has its own `CircuitBreaker`, its count of replies 
 and a health flag that a background probe refreshes every `LLM_UPSTREAM_PROBE_INTERVAL_S`,
 so a dead engine is skipped without a user paying its timeout, and rejoins once it answers.
 
-Routing a turn: the session's own upstream, the one that ranks first for its session id by
-rendezvous hashing (adding or losing an upstream moves only that upstream's share of
-sessions, and each session keeps its engine's prompt cache warm), while it is healthy, its
-breaker lets calls through and it has fewer than `LLM_UPSTREAM_MAX_INFLIGHT` replies in
-flight (0: no limit); otherwise the healthy upstream with the fewest replies in flight.
+Routing a turn: the session's own upstream (its home) while it is healthy, its breaker lets
+calls through and it has fewer than `LLM_UPSTREAM_MAX_INFLIGHT` replies in flight (0: no
+limit); otherwise the healthy upstream with the fewest replies in flight. A session's home is
+chosen at its first turn by rendezvous hashing with bounded loads (`Homes`): the first
+upstream in the session's own rendezvous order that holds no more than `1 + BALANCE` times an
+even share of this process's active sessions. Hashing alone spreads sessions only as evenly
+as chance does (200 sessions on 4 upstreams: one upstream 15% off an even share about half
+the time); the bound keeps every share within a few percent, while adding or losing an
+upstream still moves only about its share, and each session keeps its engine's prompt cache
+warm. A home is kept while the session has turns, and forgotten `idle_s` after its last.
 
 Only the wait for the first item of a stream is retried, so no client ever sees a token
 twice. A failure there that another engine may not share (unreachable, busy, a timeout, an
@@ -25,8 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
-from collections.abc import AsyncGenerator, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +64,7 @@ from llm_service.metrics import CIRCUIT_STATES, Telemetry, UpstreamGauges
 log = structlog.get_logger("llm_service.pool")
 
 PROBE_DEADLINE_S = 2.0
+BALANCE = 0.05  # a home holds at most 5% more than an even share of the active sessions
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,52 @@ class Upstream:
         }
 
 
+class Homes:
+    """Each active session's home upstream, by rendezvous hashing with bounded loads.
+
+    A new session goes to the first upstream in its rendezvous order whose count of homed
+    sessions is below `ceil((1 + BALANCE) * (sessions + 1) / upstreams)`; there always is
+    one, since those bounds add up to more than the sessions. A session keeps its home while
+    it has turns; `idle_s` after its last one, it is forgotten (and its upstream's count
+    falls), so a session that comes back is placed again, usually where it was.
+    """
+
+    def __init__(
+        self, labels: Sequence[str], idle_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._idle_s = idle_s
+        self._clock = clock
+        self._homes: OrderedDict[str, tuple[str, float]] = OrderedDict()  # least recent first
+        self.counts = dict.fromkeys(labels, 0)
+
+    def __len__(self) -> int:
+        return len(self._homes)
+
+    def home(self, affinity: str, ranked: Sequence[str]) -> str:
+        """The home of the session `affinity`, whose rendezvous order is `ranked`."""
+        now = self._clock()
+        self._forget_idle(now)
+        known = self._homes.pop(affinity, None)
+        if known is not None:
+            label = known[0]
+        else:
+            counts = self.counts
+            bound = math.ceil((1 + BALANCE) * (len(self._homes) + 1) / len(counts))
+            label = next(u for u in ranked if counts[u] < bound)
+            counts[label] += 1
+        self._homes[affinity] = (label, now)
+        return label
+
+    def _forget_idle(self, now: float) -> None:
+        homes = self._homes
+        while homes:
+            affinity, (label, used) = next(iter(homes.items()))
+            if now - used < self._idle_s:
+                return
+            del homes[affinity]
+            self.counts[label] -= 1
+
+
 class EnginePool:
     """An `LLMBackend` that routes each turn to one of its upstreams."""
 
@@ -130,6 +185,7 @@ class EnginePool:
         *,
         max_inflight: int = 0,
         probe_interval_s: float = 10.0,
+        session_idle_s: float = 900.0,
     ) -> None:
         assert upstreams, "a pool has at least one upstream"
         first = upstreams[0].backend
@@ -144,6 +200,8 @@ class EnginePool:
         self._max_inflight = max_inflight
         self._probe_interval_s = probe_interval_s
         self._prober: asyncio.Task[None] | None = None
+        self.homes = Homes([u.label for u in self.upstreams], session_idle_s)
+        self._by_label = {u.label: u for u in self.upstreams}
         telemetry.watch_upstreams(self._gauges)
 
     def count_tokens(self, text: str) -> int | None:
@@ -191,8 +249,9 @@ class EnginePool:
         tried: set[Upstream] = set()
         last: EngineError | None = None
         transient = False  # one of this round's failures may pass if tried again later
+        ranked = self._ranked(request.affinity)
         while True:
-            upstream = self._next(request.affinity, tried)
+            upstream = self._next(ranked, tried)
             if last is not None and loop.time() >= give_up_at:
                 raise last
             if upstream is None:  # every upstream tried, or none admits a call
@@ -223,9 +282,20 @@ class EnginePool:
                 if not _fails_over(exc) or attempts >= policy.attempts:
                     raise
 
-    def _next(self, affinity: str, tried: set[Upstream]) -> Upstream | None:
+    def _ranked(self, affinity: str) -> list[Upstream]:
+        """The upstreams in the order a session tries them: its home, then its rendezvous
+        order (a request with no session: the rendezvous order of the empty name)."""
+        upstreams = self.upstreams
+        if len(upstreams) == 1:
+            return upstreams
+        ranked = sorted(upstreams, key=lambda u: _rank(affinity, u.label), reverse=True)
+        if not affinity:
+            return ranked
+        home = self._by_label[self.homes.home(affinity, [u.label for u in ranked])]
+        return [home, *(u for u in ranked if u is not home)]
+
+    def _next(self, ranked: list[Upstream], tried: set[Upstream]) -> Upstream | None:
         """The upstream to try next: the session's own while it serves, else the least busy."""
-        ranked = sorted(self.upstreams, key=lambda u: _rank(affinity, u.label), reverse=True)
         own = ranked[0]
         open_ = [u for u in ranked if u not in tried and u.admits()]
         healthy = [u for u in open_ if u.healthy] or open_  # none healthy: try them anyway
@@ -297,7 +367,8 @@ class EnginePool:
         return {"state": state, "open": opened, "upstreams": len(self.upstreams)}
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return [u.snapshot() for u in self.upstreams]
+        counts = self.homes.counts
+        return [{**u.snapshot(), "sessions": counts[u.label]} for u in self.upstreams]
 
     def _gauges(self) -> list[UpstreamGauges]:
         return [
