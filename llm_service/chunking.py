@@ -19,7 +19,9 @@ Where a piece ends:
 - and wherever a piece grows past `MAX_CHARS` with no boundary at all, at the last space.
 
 Each `feed` looks only at the new text for punctuation (one regex search), so the cost per
-chunk stays a small constant.
+chunk stays a small constant (`bench/voice.py`: under 1 us a token). A sentence segmenter
+library does not fit a stream: pysbd 0.3.4, re-run on the text held as each token arrives,
+cost about 78 us a token here, and gives back its sentences without the spaces between them.
 """
 
 from __future__ import annotations
