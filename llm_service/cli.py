@@ -176,7 +176,7 @@ async def _short_generation(backend: LLMBackend, settings: Settings) -> tuple[in
             if isinstance(item, str):
                 frames += 1
                 first = first or time.perf_counter()
-            else:
+            elif isinstance(item, StreamEnd):
                 end = item
     elapsed = time.perf_counter() - started
     tokens = end.completion_tokens if end.completion_tokens is not None else frames

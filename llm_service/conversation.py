@@ -28,17 +28,29 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llm_service.backends.base import ChatMessage, ChatRequest, LLMBackend, Role, StreamEnd
+import orjson
+
+from llm_service.backends.base import (
+    ChatMessage,
+    ChatRequest,
+    LLMBackend,
+    Role,
+    StreamEnd,
+    StreamItem,
+    ToolCall,
+    ToolCalls,
+)
 from llm_service.chunking import Chunker
 from llm_service.errors import (
     ContextOverflow,
     InvalidConfig,
     InvalidMessage,
+    MalformedToolCall,
     MessageTooLong,
     RateLimited,
 )
@@ -74,6 +86,7 @@ class SessionConfig:
     system_prompt: str
     sampling: SamplingParams
     chunking: Chunking = "none"  # what one token frame holds: an engine chunk, or a piece
+    tools: tuple[Mapping[str, Any], ...] = ()  # the functions the model may call
 
     def updated(
         self,
@@ -81,12 +94,14 @@ class SessionConfig:
         sampling: Mapping[str, Any],
         context_window: int,
         chunking: Chunking | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> SessionConfig:
         """This config with what the client set; raises `InvalidConfig` if it cannot work."""
         new = SessionConfig(
             self.system_prompt if system_prompt is None else system_prompt,
             self.sampling.updated(sampling),
             self.chunking if chunking is None else chunking,
+            self.tools if tools is None else tuple(tools),
         )
         max_tokens = new.sampling.max_tokens
         if max_tokens >= context_window:
@@ -115,6 +130,9 @@ class Entry:
     tokens: int
     status: Status = "complete"
     response_id: str | None = None  # an assistant entry's reply
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant entry's calls
+    tool_call_id: str | None = None  # a tool entry: the call it answers
+    tool_name: str | None = None
 
 
 @dataclass(slots=True)
@@ -149,7 +167,7 @@ class Turn:
     def __init__(
         self,
         conversation: Conversation,
-        user: Entry,
+        user: Entry | None,
         prompt: list[ChatMessage],
         prompt_tokens: int,
         dropped: int,
@@ -172,13 +190,19 @@ class Turn:
         self._chunker = None if mode == "none" else Chunker(mode)
         self.flush_on_stop = False  # a cancel: the piece held goes out with it
         self.flushed = ""  # what that flush handed on
+        self.calls: tuple[ToolCall, ...] = ()  # the tools the model called
+        self.dropped_turns = 0
 
     async def stream(self) -> AsyncGenerator[str | TurnStats, None]:
         """Yield the reply's text chunks, then its `TurnStats`; update the history at the end."""
         conv = self._conversation
         outcome: Status = "incomplete"
         request = ChatRequest(
-            self.prompt, conv.config.sampling, conv.context_window, conv.session_id
+            self.prompt,
+            conv.config.sampling,
+            conv.context_window,
+            conv.session_id,
+            conv.config.tools,
         )
         try:
             async with aclosing(conv.backend.stream_chat(request)) as chunks:
@@ -203,7 +227,12 @@ class Turn:
                             parts.append(item)  # asked for more: the chunk was delivered
                         elif isinstance(item, StreamEnd):
                             self.end = item
+                        elif isinstance(item, ToolCalls):
+                            self.calls = item.calls
             outcome = "complete"
+        except MalformedToolCall:
+            conv.telemetry.tool_calls("malformed")
+            raise
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "interrupted"
             raise
@@ -212,9 +241,7 @@ class Turn:
             conv._finish(self, outcome)
         yield self.stats()
 
-    async def _timed(
-        self, chunks: AsyncGenerator[str | StreamEnd, None]
-    ) -> AsyncGenerator[str, None]:
+    async def _timed(self, chunks: AsyncGenerator[StreamItem, None]) -> AsyncGenerator[str, None]:
         """The engine's text chunks, timed as the hot path times them; its `StreamEnd` kept."""
         inter_token = self._conversation.telemetry.inter_token
         last = 0.0
@@ -229,6 +256,8 @@ class Turn:
                 yield item
             elif isinstance(item, StreamEnd):
                 self.end = item
+            elif isinstance(item, ToolCalls):
+                self.calls = item.calls
 
     async def _pieces(
         self, chunks: AsyncGenerator[str, None], chunker: Chunker
@@ -275,7 +304,7 @@ class Turn:
             tokens_per_second=tokens / elapsed if elapsed > 0 else 0.0,
             time_to_first_token_ms=None if ttft is None else ttft * 1000,
             prompt_tokens=end.prompt_tokens or self.prompt_tokens,
-            history_trimmed_turns=self.dropped // 2,
+            history_trimmed_turns=self.dropped_turns,
             token_frames=frames,
             done_reason=end.done_reason,
             engine_tokens_per_second=end.engine_tokens_per_second,
@@ -312,10 +341,21 @@ class Conversation:
         self.current = None
         prompt = config.system_prompt
         self.system = Entry("system", prompt, self.count(prompt)) if prompt else None
+        tools = config.tools
+        self.tools_tokens = self.count(orjson.dumps(tools).decode()) if tools else 0
 
-    def count(self, text: str) -> int:
+    def count(self, text: str, calls: Sequence[ToolCall] = ()) -> int:
+        """The tokens a message takes in the prompt: its text, and its calls as JSON."""
+        if calls:
+            text += orjson.dumps([(c.id, c.name, c.arguments) for c in calls]).decode()
         exact = self.backend.count_tokens(text)
         return (exact if exact is not None else estimate_tokens(text)) + MESSAGE_OVERHEAD
+
+    @property
+    def pending_calls(self) -> tuple[ToolCall, ...]:
+        """The calls of the latest reply while no result has answered them."""
+        last = self.entries[-1] if self.entries else None
+        return last.tool_calls if last is not None and last.role == "assistant" else ()
 
     def start_turn(self, text: str, response_id: str | None = None) -> Turn:
         """Admit `text` and plan its turn: the prompt that fits the window, oldest turns
@@ -325,57 +365,138 @@ class Conversation:
             raise MessageTooLong(
                 f"the message has {len(text)} characters; the limit is {limits.max_chars}"
             )
+        self._admit()
+        pending = self.pending_calls
+        if pending:  # abandoned: answered as cancelled, so no call is left dangling
+            self._answer(pending, [(c.id, "cancelled") for c in pending])
+        try:
+            turn = self._plan(Entry("user", text, self.count(text)), response_id)
+        except ContextOverflow:
+            del self.entries[len(self.entries) - len(pending) :]
+            raise
+        if pending:
+            self.telemetry.tool_calls("cancelled", len(pending))
+        return self._started(turn)
+
+    def answer_tools(self, results: Sequence[tuple[str, str]], response_id: str | None) -> Turn:
+        """`tool_result`: the results of every pending call join the history, and the model's
+        follow-up reply is planned as a turn of its own. Results that do not answer exactly
+        the pending calls are an `InvalidMessage`, and nothing changes."""
+        pending = self.pending_calls
+        if not pending:
+            raise InvalidMessage("tool_result: no tool call is waiting for a result")
+        ids = [call_id for call_id, _ in results]
+        wanted = {c.id for c in pending}
+        if len(set(ids)) != len(ids):
+            raise InvalidMessage("tool_result: a call has more than one result")
+        if unknown := [i for i in ids if i not in wanted]:
+            raise InvalidMessage(f"tool_result: no pending call has the id {unknown[0][:64]!r}")
+        if missing := [c.id for c in pending if c.id not in set(ids)]:
+            raise InvalidMessage(f"tool_result: no result for the call {missing[0]!r}")
+        self._admit()
+        self._answer(pending, results)
+        try:
+            turn = self._plan(None, response_id)
+        except ContextOverflow:
+            del self.entries[len(self.entries) - len(pending) :]
+            raise
+        self.telemetry.tool_calls("answered", len(pending))
+        return self._started(turn)
+
+    def _admit(self) -> None:
         wait = self._rate.wait()
         if wait:
+            limits = self.limits
             raise RateLimited(
                 f"at most {limits.per_minute} turns a minute on one connection; retry later",
                 retry_after_ms=max(1, round(wait * 1000)),
             )
-        turn = self._plan(text, response_id or new_response_id())
+
+    def _answer(self, calls: Sequence[ToolCall], results: Sequence[tuple[str, str]]) -> None:
+        """Tool entries for `calls`, in their order, from `results` (id, content)."""
+        content = dict(results)
+        for call in calls:
+            text = content[call.id]
+            entry = Entry("tool", text, self.count(text), tool_call_id=call.id, tool_name=call.name)
+            self.entries.append(entry)
+
+    def _started(self, turn: Turn) -> Turn:
         self._rate.record()
         self.current = turn
         return turn
 
-    def _plan(self, text: str, response_id: str) -> Turn:
-        user = Entry("user", text, self.count(text))
+    def _plan(self, user: Entry | None, response_id: str | None) -> Turn:
+        """The prompt for a turn, fitted to the window by dropping whole turns, oldest first.
+        A turn is a user message and all that answers it (replies, calls, their results);
+        `user` None plans the follow-up to tool results, whose own turn is never dropped."""
+        entries = self.entries
         max_tokens = self.config.sampling.max_tokens
         budget = self.context_window - max_tokens - REPLY_PRIMER
-        fixed = user.tokens + (self.system.tokens if self.system else 0)
-        if fixed > budget:
+        starts = [i for i, e in enumerate(entries) if e.role == "user"]
+        if entries and starts[:1] != [0]:
+            starts.insert(0, 0)
+        fixed = self.tools_tokens + (self.system.tokens if self.system else 0)
+        droppable = len(starts)
+        if user is not None:
+            fixed += user.tokens
+        elif starts:
+            droppable -= 1  # the turn the results answer
+        if fixed + (0 if user else sum(e.tokens for e in entries[starts[-1] :])) > budget:
             raise ContextOverflow(
-                f"the message needs about {user.tokens} tokens and the system prompt "
-                f"{fixed - user.tokens}, more than the {budget} the context window "
+                f"the {'message' if user else 'turn with its tool results'}, the system "
+                f"prompt and the tools need more than the {budget} tokens the context window "
                 f"({self.context_window}) leaves beside max_tokens ({max_tokens})"
             )
-        # LLM_MAX_HISTORY_TURNS first (the new turn counts), then the context budget.
-        kept_turns = len(self.entries) // 2
+
+        def boundary(turns: int) -> int:  # where the history starts once `turns` are gone
+            return starts[turns] if turns < len(starts) else len(entries)
+
+        # LLM_MAX_HISTORY_TURNS first (the turn planned counts), then the context budget.
         cap = self.limits.max_history_turns
-        dropped = 2 * max(0, kept_turns + 1 - cap) if cap else 0
-        total = fixed + sum(e.tokens for e in self.entries[dropped:])
-        while total > budget:
-            total -= self.entries[dropped].tokens + self.entries[dropped + 1].tokens
-            dropped += 2
-        kept = ([self.system] if self.system else []) + self.entries[dropped:] + [user]
-        prompt = [ChatMessage(e.role, e.content) for e in kept]
-        return Turn(self, user, prompt, total + REPLY_PRIMER, dropped, response_id)
+        drop = min(droppable, max(0, droppable + 1 - cap)) if cap else 0
+        total = fixed + sum(e.tokens for e in entries[boundary(drop) :])
+        while total > budget and drop < droppable:
+            total -= sum(e.tokens for e in entries[boundary(drop) : boundary(drop + 1)])
+            drop += 1
+        dropped = boundary(drop)
+        kept = ([self.system] if self.system else []) + entries[dropped:]
+        if user is not None:
+            kept.append(user)
+        prompt = [
+            ChatMessage(e.role, e.content, e.tool_calls, e.tool_call_id, e.tool_name)
+            if e.tool_calls or e.tool_call_id
+            else ChatMessage(e.role, e.content)
+            for e in kept
+        ]
+        turn = Turn(
+            self, user, prompt, total + REPLY_PRIMER, dropped, response_id or new_response_id()
+        )
+        turn.dropped_turns = drop
+        return turn
 
     def _finish(self, turn: Turn, outcome: Status) -> None:
         self.current = None
         stats = turn.stats()
+        calls = turn.calls if outcome == "complete" else ()
         if turn.parts or outcome == "complete":
             reply = "".join(turn.parts)
             end = turn.end
             if end is not None and end.completion_tokens is not None:
                 reply_tokens = end.completion_tokens + MESSAGE_OVERHEAD
             else:
-                reply_tokens = self.count(reply)
-            if end is not None and end.prompt_tokens:
-                others = turn.prompt_tokens - turn.user.tokens
+                reply_tokens = self.count(reply, calls)
+            user = turn.user
+            if user is not None and end is not None and end.prompt_tokens:
+                others = turn.prompt_tokens - user.tokens
                 if end.prompt_tokens - others > 0:
-                    turn.user.tokens = end.prompt_tokens - others
+                    user.tokens = end.prompt_tokens - others
             del self.entries[: turn.dropped]
-            assistant = Entry("assistant", reply, reply_tokens, outcome, turn.response_id)
-            self.entries += [turn.user, assistant]
+            assistant = Entry(
+                "assistant", reply, reply_tokens, outcome, turn.response_id, tool_calls=calls
+            )
+            self.entries += [user, assistant] if user is not None else [assistant]
+            if calls:
+                self.telemetry.tool_calls("called", len(calls))
         self.turns += 1
         self.tokens_generated += stats.tokens_generated
         label = {"complete": "completed", "interrupted": "cancelled", "incomplete": "failed"}
@@ -411,7 +532,7 @@ class Conversation:
             return len(latest.content)  # all of it was heard: nothing to cut
         latest.content = latest.content[:heard_chars]
         latest.status = "interrupted"
-        latest.tokens = self.count(latest.content)
+        latest.tokens = self.count(latest.content, latest.tool_calls)
         return heard_chars
 
     def messages(self) -> list[Entry]:
@@ -421,7 +542,7 @@ class Conversation:
         turn = self.current
         if turn is not None:
             reply = Entry("assistant", "".join(turn.parts), 0, "streaming", turn.response_id)
-            history += [turn.user, reply]
+            history += [turn.user, reply] if turn.user is not None else [reply]
         return history
 
     def summary(self) -> SessionSummary:

@@ -181,6 +181,13 @@ class UpstreamRejected(UpstreamError):
     engine_fault = False
 
 
+class MalformedToolCall(UpstreamError):
+    """The model called a tool in a shape that cannot be used (arguments that are not a JSON
+    object, no name): the model's doing, not the engine failing."""
+
+    engine_fault = False
+
+
 class UpstreamUnauthorized(EngineError):
     """The engine refused the service's own credentials: a configuration error that no retry
     and no other turn can get past until an operator fixes it."""

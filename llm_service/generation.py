@@ -133,6 +133,8 @@ class Generation:
                                 log.info("resume_buffer_full", frames=frames.undelivered())
                                 break  # the client would miss frames: stop (interrupted)
                         else:
+                            if turn.calls:
+                                await self._send(protocol.tool_call, turn.response_id, turn.calls)
                             await self._send(protocol.response_complete, item, turn.response_id)
                             log.info("turn_completed", tokens=item.tokens_generated)
                 except BaseException:

@@ -147,6 +147,12 @@ class Telemetry:
         self.errors = Counter(
             p + "errors_total", "Error frames sent, by code", ["code"], registry=r
         )
+        self.tool_call_outcomes = Counter(
+            p + "tool_calls_total",
+            "Tool calls: called by the model, answered or cancelled by the client, or malformed",
+            ["outcome"],
+            registry=r,
+        )
         self.upstream_requests = Counter(
             p + "upstream_requests_total",
             "Engine requests by outcome and upstream",
@@ -234,6 +240,10 @@ class Telemetry:
         """Expose each upstream's breaker state, replies in flight and health, read when
         /metrics is scraped."""
         self.registry.register(_UpstreamCollector(gauges))
+
+    def tool_calls(self, outcome: str, count: int = 1) -> None:
+        """`count` tool calls reached `outcome`: called, answered, cancelled or malformed."""
+        self.tool_call_outcomes.labels(outcome).inc(count)
 
     def turn_finished(
         self,

@@ -15,12 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi.responses import JSONResponse
-from pydantic import ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
+from llm_service.backends.base import ToolCall
 from llm_service.conversation import (
     MAX_RESPONSE_ID,
     Chunking,
@@ -39,14 +48,63 @@ from llm_service.errors import (
 from llm_service.sampling import SamplingParams, describe
 
 MAX_SYSTEM_PROMPT_CHARS = 200_000
+MAX_TOOLS = 64
+MAX_TOOL_RESULTS = 64
+
+
+class ToolFunction(BaseModel):
+    """A function the model may call: its name, what it does, a JSON Schema of its arguments."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = Field("", max_length=4096)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        if schema.get("type") != "object":
+            raise ValueError("must be a JSON Schema whose 'type' is 'object'")
+        return schema
+
+
+class ToolSpec(BaseModel):
+    """One entry of a session's `tools`: the shape Ollama and OpenAI-compatible engines share."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    type: Literal["function"]
+    function: ToolFunction
+
+
+def _distinct_names(tools: list[ToolSpec] | None) -> list[ToolSpec] | None:
+    names = [t.function.name for t in tools or ()]
+    if len(set(names)) != len(names):
+        raise ValueError("two tools have the same name")
+    return tools
+
+
 ConfigUpdate = create_model(
     "ConfigUpdate",
     __config__=ConfigDict(strict=True, extra="ignore", frozen=True),
     __doc__="The `config` of a `start_session` frame: every field optional, checked strictly.",
     system_prompt=(str | None, Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)),
     chunking=(Chunking | None, None),
+    tools=(
+        Annotated[list[ToolSpec] | None, AfterValidator(_distinct_names)],
+        Field(None, max_length=MAX_TOOLS),
+    ),
     **SamplingParams.optional_fields(),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChanges:
+    """What a `start_session` config set; None (or empty sampling) where it set nothing."""
+
+    system_prompt: str | None
+    sampling: dict[str, Any]
+    chunking: Chunking | None
+    tools: list[dict[str, Any]] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +112,14 @@ class StartSession:
     config: Any  # a ConfigUpdate, whose fields are built from SamplingParams'
     ignored: tuple[str, ...] = ()  # fields of the config the service does not know
 
-    def changes(self) -> tuple[str | None, dict[str, Any], Chunking | None]:
-        """The system prompt, the sampler settings and the chunking the client set."""
+    def changes(self) -> ConfigChanges:
         values = self.config.model_dump(exclude_none=True)
-        return values.pop("system_prompt", None), values, values.pop("chunking", None)
+        return ConfigChanges(
+            values.pop("system_prompt", None),
+            values,
+            values.pop("chunking", None),
+            values.pop("tools", None),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +127,12 @@ class UserMessage:
     text: str
     response_id: str | None = None  # the client's name for the reply; None: one is made
     interrupt: bool = False  # cancel the reply streaming, if any, and start this one
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    results: tuple[tuple[str, str], ...]  # (the call's id, its result as text), in order
+    response_id: str | None = None  # the follow-up reply's; None: one is made
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +163,16 @@ class Resume:
     last_seq: int  # the last seq the client saw; -1: none
 
 
-ClientFrame = StartSession | UserMessage | Truncate | Cancel | EndSession | GetHistory | Resume
+ClientFrame = (
+    StartSession | UserMessage | ToolResult | Truncate | Cancel | EndSession | GetHistory | Resume
+)
 
 _SIMPLE: dict[str, ClientFrame] = {
     "cancel": Cancel(),
     "end_session": EndSession(),
     "get_history": GetHistory(),
 }
-KNOWN_TYPES = ("start_session", "user_message", "truncate", "resume", *_SIMPLE)
+KNOWN_TYPES = ("start_session", "user_message", "tool_result", "truncate", "resume", *_SIMPLE)
 _MAX_ID = 128
 _SAMPLING = SamplingParams.names()
 
@@ -130,6 +200,8 @@ def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
             return UserMessage(body)  # the common frame: type and text alone
         response_id = None if data.get("response_id") is None else _response_id(data)
         return UserMessage(body, response_id, _interrupt(data))
+    if kind == "tool_result":
+        return _parse_tool_result(data)
     if kind == "truncate":
         heard = data.get("heard_chars")
         if type(heard) is not int or not 0 <= heard < 2**53:
@@ -170,6 +242,27 @@ def _parse_resume(data: dict[str, Any]) -> Resume:
     if type(last_seq) is not int or not -1 <= last_seq < 2**53:
         raise InvalidMessage("resume needs an integer field 'last_seq' (-1 when none was seen)")
     return Resume(session_id, token, last_seq)
+
+
+def _parse_tool_result(data: dict[str, Any]) -> ToolResult:
+    results = data.get("results")
+    if not isinstance(results, list) or not 0 < len(results) <= MAX_TOOL_RESULTS:
+        raise InvalidMessage(
+            f"tool_result needs a field 'results': a list of 1 to {MAX_TOOL_RESULTS} "
+            "objects with 'id' and 'content'"
+        )
+    parsed = []
+    for result in results:
+        call_id = result.get("id") if isinstance(result, dict) else None
+        if not isinstance(call_id, str) or not 0 < len(call_id) <= _MAX_ID:
+            raise InvalidMessage("each tool_result result needs a string field 'id'")
+        if "content" not in result:
+            raise InvalidMessage(f"the tool_result for {call_id!r} has no 'content'")
+        content = result["content"]
+        text = content if isinstance(content, str) else orjson.dumps(content).decode()
+        parsed.append((call_id, text))
+    response_id = None if data.get("response_id") is None else _response_id(data)
+    return ToolResult(tuple(parsed), response_id)
 
 
 def _response_id(data: dict[str, Any]) -> str:
@@ -267,6 +360,11 @@ def cancelled(
     return _encode(frame, seq)
 
 
+def tool_call(seq: int, response_id: str, calls: Sequence[ToolCall]) -> str:
+    body = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]
+    return _encode({"type": "tool_call", "response_id": response_id, "calls": body}, seq)
+
+
 def truncated(seq: int, response_id: str, kept_chars: int) -> str:
     frame = {"type": "truncated", "response_id": response_id, "kept_chars": kept_chars}
     return _encode(frame, seq)
@@ -318,7 +416,11 @@ def error_body(exc: ServiceError) -> dict[str, Any]:
 
 
 def config_body(config: SessionConfig) -> dict[str, Any]:
-    body: dict[str, Any] = {"system_prompt": config.system_prompt, "chunking": config.chunking}
+    body: dict[str, Any] = {
+        "system_prompt": config.system_prompt,
+        "chunking": config.chunking,
+        "tools": list(config.tools),
+    }
     body.update(config.sampling.model_dump())
     body["stop"] = list(config.sampling.stop)
     return body
@@ -341,5 +443,12 @@ def messages(entries: Sequence[Entry]) -> list[dict[str, Any]]:
             message["status"] = entry.status
             if entry.response_id is not None:
                 message["response_id"] = entry.response_id
+            if entry.tool_calls:
+                message["tool_calls"] = [
+                    {"id": c.id, "name": c.name, "arguments": c.arguments} for c in entry.tool_calls
+                ]
+        elif entry.role == "tool":
+            message["tool_call_id"] = entry.tool_call_id
+            message["name"] = entry.tool_name
         out.append(message)
     return out

@@ -36,6 +36,7 @@ import orjson
 import structlog
 
 from llm_service import protocol
+from llm_service.backends.base import ToolCall
 from llm_service.conversation import Conversation, Entry, SessionConfig, new_session_id
 from llm_service.errors import ResumeGap, SessionNotFound, UpstreamError
 from llm_service.generation import GONE as _SOCKET_GONE
@@ -193,6 +194,7 @@ class Session:
             config={
                 "system_prompt": conv.config.system_prompt,
                 "chunking": conv.config.chunking,
+                "tools": list(conv.config.tools),
                 **conv.config.sampling.model_dump(mode="json"),
             },
             messages=[
@@ -355,7 +357,10 @@ class SessionRegistry:
         chunking = sampling.pop("chunking", "none")
         if chunking not in ("none", "clause", "sentence"):
             chunking = "none"
-        config = SessionConfig(prompt, service.default_config.sampling.updated(sampling), chunking)
+        tools = tuple(sampling.pop("tools", None) or ())
+        config = SessionConfig(
+            prompt, service.default_config.sampling.updated(sampling), chunking, tools
+        )
         conversation = Conversation(
             session_id=record.session_id,
             config=config,
@@ -632,12 +637,26 @@ def _message(entry: Entry) -> dict[str, Any]:
     }
     if entry.response_id is not None:
         message["response_id"] = entry.response_id
+    if entry.tool_calls:
+        message["tool_calls"] = [[c.id, c.name, c.arguments] for c in entry.tool_calls]
+    if entry.tool_call_id is not None:
+        message["tool_call_id"] = entry.tool_call_id
+        message["tool_name"] = entry.tool_name
     return message
 
 
 def _restore_history(conversation: Conversation, record: SessionRecord) -> None:
     conversation.entries = [
-        Entry(m["role"], m["content"], int(m["tokens"]), m["status"], m.get("response_id"))
+        Entry(
+            m["role"],
+            m["content"],
+            int(m["tokens"]),
+            m["status"],
+            m.get("response_id"),
+            tuple(ToolCall(*call) for call in m.get("tool_calls") or ()),
+            m.get("tool_call_id"),
+            m.get("tool_name"),
+        )
         for m in record.messages
     ]
     conversation.turns = record.turns

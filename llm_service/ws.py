@@ -30,6 +30,7 @@ from llm_service.conversation import new_response_id
 from llm_service.errors import (
     GenerationInProgress,
     InternalError,
+    InvalidConfig,
     InvalidMessage,
     ServiceError,
     ServiceShuttingDown,
@@ -44,6 +45,7 @@ from llm_service.protocol import (
     GetHistory,
     Resume,
     StartSession,
+    ToolResult,
     Truncate,
     UserMessage,
 )
@@ -206,6 +208,15 @@ class Connection:
         match frame:
             case UserMessage():
                 await self._user_message(frame)
+            case ToolResult(results=results):
+                self._refuse_if_busy()
+                response_id = frame.response_id or new_response_id()
+                try:
+                    reply.start(conv.answer_tools(results, response_id))
+                except ServiceError as exc:
+                    exc.response_id = response_id
+                    raise
+                self.registry.save_soon(session, detached=False)
             case Truncate(response_id=response_id, heard_chars=heard):
                 kept = conv.truncate(response_id, heard)
                 await send(protocol.truncated, response_id, kept)
@@ -217,9 +228,19 @@ class Connection:
                     await reply.cancel()
             case StartSession():
                 self._refuse_if_busy()
-                prompt, sampling, chunking = frame.changes()
+                changes = frame.changes()
+                if changes.tools and not conv.backend.calls_tools:
+                    raise InvalidConfig(
+                        f"tools: the {conv.backend.name} engine does not call tools (the "
+                        "embedded engine's packaged SmolLM2-135M was not trained to); use "
+                        "LLM_BACKEND=ollama or openai with a model that does"
+                    )
                 config = self.default_config.updated(
-                    prompt, sampling, conv.context_window, chunking
+                    changes.system_prompt,
+                    changes.sampling,
+                    conv.context_window,
+                    changes.chunking,
+                    changes.tools,
                 )
                 conv.reset(config)
                 await send(protocol.session_configured, conv.session_id, config, frame.ignored)

@@ -91,7 +91,7 @@ async def test_exact_tokenizer_counts_are_used() -> None:
     backend = FakeBackend(tokens_per_char=1.0)
     conv = conversation(backend)
     turn = conv.start_turn("abcdefghij")
-    assert turn.user.tokens == 10 + MESSAGE_OVERHEAD
+    assert turn.user is not None and turn.user.tokens == 10 + MESSAGE_OVERHEAD
 
 
 async def test_oldest_whole_turns_are_dropped_to_fit() -> None:
@@ -180,6 +180,8 @@ def test_estimate_is_generous_for_non_ascii() -> None:
 
 def test_reset_starts_afresh_with_new_system_prompt() -> None:
     conv = conversation(FakeBackend(), system="old")
-    conv.entries.append(conv.start_turn("x").user)
+    user = conv.start_turn("x").user
+    assert user is not None
+    conv.entries.append(user)
     conv.reset(defaults().updated("new", {}, 8192))
     assert history(conv) == [{"role": "system", "content": "new"}]

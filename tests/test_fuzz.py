@@ -18,6 +18,7 @@ from tests.support import Client, RunningService, tokens_of
 KNOWN = [
     "start_session",
     "user_message",
+    "tool_result",
     "truncate",
     "cancel",
     "end_session",
@@ -59,6 +60,7 @@ config_values = st.dictionaries(
             "repeat_penalty",
             "min_p",
             "chunking",
+            "tools",
             "other",
         ]
     ),
@@ -76,6 +78,8 @@ frame_objects = st.fixed_dictionaries(
         "response_id": json_values | st.text(max_size=70),
         "interrupt": json_values,
         "heard_chars": json_values | st.integers(-5, 10**6),
+        "results": json_values
+        | st.lists(st.fixed_dictionaries({"id": st.text(max_size=8), "content": json_values})),
         "extra": json_values,
     },
 )

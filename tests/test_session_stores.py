@@ -252,6 +252,48 @@ async def test_sqlite_conversation_survives_a_restart(tmp_path: Path, fake: Fake
         await client.close()
 
 
+async def test_a_tool_call_pending_over_a_restart_is_answered_after_resume(
+    tmp_path: Path, fake: FakeOllama
+) -> None:
+    """The session's tools and its unanswered call are stored: after a restart the client
+    resumes, sends the result, and the follow-up reply has the whole exchange."""
+    env = settings(fake, f"sqlite:///{tmp_path / 'sessions.db'}")
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    call = {"id": "t1", "function": {"name": "get_time", "arguments": {"city": "Oslo"}}}
+    fake.script(Reply(["Checking."], tool_calls=[call]), Reply(["It is noon."]))
+    async with service_process(tmp_path, **env) as first:
+        client = await connect(first)
+        session_id = await client.start()
+        token = client.resume_token
+        assert token is not None
+        await client.send({"type": "start_session", "config": {"tools": [clock]}})
+        assert (await client.recv())["type"] == "session_configured"
+        frames = await client.turn("Time in Oslo?")
+        assert [f["type"] for f in frames] == ["token", "tool_call", "response_complete"]
+        first.signal(signal.SIGTERM)
+        await closed_with(client)
+        assert await first.wait(15) == 0
+    async with service_process(tmp_path, **env) as second:
+        client = await connect(second)
+        await client.start()
+        assert (await client.resume(session_id, token, client.last_seq))[
+            "type"
+        ] == "session_resumed"
+        await client.send({"type": "tool_result", "results": [{"id": "t1", "content": "12:00"}]})
+        frames = await client.recv_until("response_complete")
+        assert tokens_of(frames) == ["It is noon."]
+        request = fake.chats[-1]
+        assert request.body["tools"] == [
+            {"type": "function", "function": {"name": "get_time", "description": "",
+                                              "parameters": {"type": "object"}}}
+        ]  # fmt: skip
+        assert request.messages[-2:] == [
+            {"role": "assistant", "content": "Checking.", "tool_calls": [call]},
+            {"role": "tool", "content": "12:00", "tool_name": "get_time"},
+        ]
+        await client.close()
+
+
 async def start_until_exit(tmp_path: Path, **env: str) -> tuple[int, str]:
     """Run `main.py websocket` with `env` until it exits (it should, at once)."""
     full = service_env(tmp_path, free_port(), free_port(), **env)

@@ -2,7 +2,9 @@
 
 A backend streams the reply to one `ChatRequest` as an async iterator of `str` chunks (one
 per piece of text the engine produced, in order) ending with exactly one `StreamEnd` carrying
-the engine's own counters. Everything a backend raises is a `ServiceError` (`errors.py`); nothing
+the engine's own counters. When the model calls tools, one `ToolCalls` (every call, its
+arguments parsed) comes just before the `StreamEnd`, whose `done_reason` is then
+`tool_calls`. Everything a backend raises is a `ServiceError` (`errors.py`); nothing
 engine-specific (httpx, llama_cpp) crosses this seam. Closing a stream must never stop
 halfway: `finish_closing` runs a close to its end even when the task is cancelled meanwhile.
 """
@@ -10,19 +12,66 @@ halfway: `finish_closing` runs a close to its end even when the task is cancelle
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
+import orjson
+
+from llm_service.errors import MalformedToolCall
 from llm_service.sampling import SamplingParams
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call the model asked for: its id, the function's name, its arguments."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    tool_name: str | None = None  # and that call's function
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCalls:
+    """The tools the model called in this reply, all of them, once the engine had sent them."""
+
+    calls: tuple[ToolCall, ...]
+
+
+def new_call_id() -> str:
+    """An id for a call the engine sent without one."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_call(name: Any, arguments: Any, call_id: Any, where: str) -> ToolCall:
+    """A `ToolCall` from an engine's fields: `arguments` a JSON object, or its text."""
+    if not isinstance(name, str) or not name:
+        raise MalformedToolCall(f"{where} sent a tool call without a function name")
+    if isinstance(arguments, str | bytes):
+        try:
+            arguments = orjson.loads(arguments) if arguments.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            raise MalformedToolCall(
+                f"{where} sent a call of {name!r} whose arguments are not valid JSON"
+            ) from exc
+    if not isinstance(arguments, dict):
+        raise MalformedToolCall(
+            f"{where} sent a call of {name!r} whose arguments are not a JSON object"
+        )
+    given = call_id if isinstance(call_id, str) and call_id else new_call_id()
+    return ToolCall(given, name, arguments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +82,7 @@ class ChatRequest:
     sampling: SamplingParams
     context_window: int
     affinity: str = ""  # the session's id: a pool keeps a session on one engine
+    tools: Sequence[Mapping[str, Any]] = ()  # the functions the model may call
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +95,7 @@ class StreamEnd:
     engine_tokens_per_second: float | None = None
 
 
-StreamItem = str | StreamEnd
+StreamItem = str | ToolCalls | StreamEnd
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +115,7 @@ class LLMBackend(Protocol):
     model: str
     label: str  # this engine, for metrics and /health: its URL without credentials
     context_limit: int | None  # the most context the engine can hold, when it is fixed
+    calls_tools: bool  # whether its model can be given tools to call
 
     @property
     def sampling_defaults(self) -> Mapping[str, float]:

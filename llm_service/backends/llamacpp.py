@@ -149,6 +149,7 @@ class LlamaCppBackend:
 
     name = "llamacpp"
     label = "embedded"
+    calls_tools = False  # the packaged SmolLM2-135M was not trained to call tools
     # Measured on bench/voice_questions.json (bench/sampling_quality.py): the packaged
     # 135M model answers 79-83% right at temperature 0-0.3, 64% at Ollama's 0.7.
     sampling_defaults: Mapping[str, float] = MappingProxyType({"temperature": 0.3})

@@ -11,7 +11,7 @@ Ollama stop generating.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -19,11 +19,15 @@ import httpx
 import orjson
 
 from llm_service.backends.base import (
+    ChatMessage,
     ChatRequest,
     EngineStatus,
     StreamEnd,
     StreamItem,
+    ToolCall,
+    ToolCalls,
     finish_closing,
+    tool_call,
 )
 from llm_service.backends.http import (
     PROBE_TIMEOUT_S,
@@ -37,6 +41,7 @@ from llm_service.backends.http import (
 )
 from llm_service.errors import (
     EngineError,
+    MalformedToolCall,
     ModelNotFound,
     UpstreamError,
     UpstreamRejected,
@@ -62,6 +67,7 @@ class OllamaBackend:
 
     name = "ollama"
     context_limit: int | None = None  # Ollama takes num_ctx per request
+    calls_tools = True  # where the model does: Ollama answers 400 for one that does not
     sampling_defaults: Mapping[str, float] = MappingProxyType({})
 
     def __init__(
@@ -100,13 +106,21 @@ class OllamaBackend:
                     list(value) if isinstance(value, tuple) else value
                 )
         options.update(self._extra_options)
-        return {
+        body = {
             "model": self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [
+                _tool_message(m)
+                if m.tool_calls or m.tool_name
+                else {"role": m.role, "content": m.content}
+                for m in request.messages
+            ],
             "stream": True,
             "keep_alive": self._keep_alive,
             "options": options,
         }
+        if request.tools:
+            body["tools"] = list(request.tools)
+        return body
 
     async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         chat = self._client.build_request(
@@ -117,6 +131,7 @@ class OllamaBackend:
         )
         response = await open_stream(self._client, chat, self.where, self._timeouts)
         lines = UnitReader(response.aiter_lines(), self.where, self._timeouts)
+        calls: list[ToolCall] = []
         try:
             if response.status_code != 200:
                 raise await _status_error(response, self.model)
@@ -127,12 +142,18 @@ class OllamaBackend:
                     data = orjson.loads(line)
                     if "error" in data:
                         raise UpstreamError(f"Ollama: {data['error']}")
+                    message = data.get("message")
+                    if message is not None and "tool_calls" in message:
+                        calls += self._calls(message["tool_calls"])
                     if data.get("done"):
                         end = _stream_end(data)
                         await lines.drain()
+                        if calls:
+                            yield ToolCalls(tuple(calls))
+                            end = replace(end, done_reason="tool_calls")
                         yield end
                         return
-                    content = data["message"]["content"]
+                    content = message["content"]
                 except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
                     raise UpstreamError(
                         f"{self.where} sent a line that is not a chat chunk "
@@ -144,6 +165,19 @@ class OllamaBackend:
         finally:
             lines.close()
             await finish_closing(response.aclose())
+
+    def _calls(self, items: Any) -> list[ToolCall]:
+        """Ollama's `message.tool_calls`: whole calls, `arguments` an object."""
+        if not isinstance(items, list):
+            raise MalformedToolCall(f"{self.where} sent tool_calls that are not a list")
+        calls = []
+        for item in items:
+            function = item.get("function") if isinstance(item, dict) else None
+            if not isinstance(function, dict):
+                raise MalformedToolCall(f"{self.where} sent a tool call without a function")
+            name, arguments = function.get("name"), function.get("arguments", {})
+            calls.append(tool_call(name, arguments, item.get("id"), self.where))
+        return calls
 
     async def pull(self) -> AsyncGenerator[PullProgress, None]:
         """Pull the model through `/api/pull`, yielding Ollama's progress lines."""
@@ -203,6 +237,19 @@ def _keep_alive_value(keep_alive: str) -> str | int | float:
     except ValueError:
         return keep_alive
     return int(number) if number.is_integer() else number
+
+
+def _tool_message(message: ChatMessage) -> dict[str, Any]:
+    """An assistant message with its calls, or a tool's result, as Ollama takes them."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_name:
+        out["tool_name"] = message.tool_name
+    return out
 
 
 def _stream_end(data: dict[str, Any]) -> StreamEnd:

@@ -32,11 +32,14 @@ import httpx
 import orjson
 
 from llm_service.backends.base import (
+    ChatMessage,
     ChatRequest,
     EngineStatus,
     StreamEnd,
     StreamItem,
+    ToolCalls,
     finish_closing,
+    tool_call,
 )
 from llm_service.backends.http import (
     PROBE_TIMEOUT_S,
@@ -77,6 +80,7 @@ class OpenAIBackend:
 
     name = "openai"
     context_limit: int | None = None  # the engine's own; it answers 400 when it is exceeded
+    calls_tools = True  # where the model does (vLLM: with a tool parser configured)
     sampling_defaults: Mapping[str, float] = MappingProxyType({})
 
     def __init__(
@@ -109,10 +113,17 @@ class OpenAIBackend:
         sampling = request.sampling
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [
+                _tool_message(m)
+                if m.tool_calls or m.tool_call_id
+                else {"role": m.role, "content": m.content}
+                for m in request.messages
+            ],
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if request.tools:
+            body["tools"] = list(request.tools)
         # OpenAI's newer models take only max_completion_tokens; the other engines max_tokens
         limit = "max_completion_tokens" if self._dialect == "openai" else "max_tokens"
         body[limit] = sampling.max_tokens
@@ -145,6 +156,7 @@ class OpenAIBackend:
             events = UnitReader(sse_data(response.aiter_bytes()), self.where, self._timeouts)
             finish: str | None = None
             usage: dict[str, Any] = {}
+            pieces: dict[int, list[Any]] = {}  # a call's index: its id, name, argument text
             while (event := await events.next()) is not None:
                 if event == b"[DONE]":
                     await events.drain()
@@ -158,10 +170,16 @@ class OpenAIBackend:
                     content = delta.get("content")
                     if content:
                         yield content
+                    if "tool_calls" in delta:
+                        _gather(delta["tool_calls"] or (), pieces)
                     finish = choice.get("finish_reason") or finish
             else:
                 if finish is None:
                     raise UpstreamError(f"{self.where} ended the stream without [DONE]")
+            if pieces:
+                calls = [tool_call(n, a, i, self.where) for i, n, a in _ordered(pieces)]
+                yield ToolCalls(tuple(calls))
+                finish = "tool_calls"
             yield StreamEnd(
                 completion_tokens=usage.get("completion_tokens"),
                 prompt_tokens=usage.get("prompt_tokens"),
@@ -193,6 +211,37 @@ class OpenAIBackend:
                 reachable=False, detail=f"{self.where} answered, but not as an OpenAI API does"
             )
         return EngineStatus(reachable=True, detail=self.where, model_available=self.model in ids)
+
+
+def _gather(deltas: Any, pieces: dict[int, list[Any]]) -> None:
+    """Add a chunk's `delta.tool_calls` to the calls so far: the first piece of a call names
+    its id and function, later ones add fragments of its arguments' JSON text."""
+    for delta in deltas:
+        index = delta.get("index", 0)
+        call = pieces.setdefault(index, [None, None, ""])
+        call[0] = delta.get("id") or call[0]
+        function = delta.get("function") or {}
+        call[1] = function.get("name") or call[1]
+        call[2] += function.get("arguments") or ""
+
+
+def _ordered(pieces: dict[int, list[Any]]) -> list[list[Any]]:
+    return [pieces[index] for index in sorted(pieces)]
+
+
+def _tool_message(message: ChatMessage) -> dict[str, Any]:
+    """An assistant message with its calls, or a tool's result, as the OpenAI API takes them."""
+    if message.tool_call_id:
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    calls = [
+        {
+            "id": c.id,
+            "type": "function",
+            "function": {"name": c.name, "arguments": orjson.dumps(c.arguments).decode()},
+        }
+        for c in message.tool_calls
+    ]
+    return {"role": message.role, "content": message.content or None, "tool_calls": calls}
 
 
 async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:

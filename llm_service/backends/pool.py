@@ -52,6 +52,7 @@ from llm_service.breaker import CircuitBreaker
 from llm_service.errors import (
     CircuitOpen,
     EngineError,
+    MalformedToolCall,
     ModelNotFound,
     ServiceError,
     UpstreamError,
@@ -194,6 +195,7 @@ class EnginePool:
         self.model = first.model
         self.label = first.label if len(upstreams) == 1 else f"{len(upstreams)} upstreams"
         self.context_limit = first.context_limit
+        self.calls_tools = all(u.backend.calls_tools for u in upstreams)
         self.sampling_defaults = first.sampling_defaults
         self._retry = retry
         self._telemetry = telemetry
@@ -385,6 +387,6 @@ def _rank(affinity: str, label: str) -> int:
 
 def _fails_over(exc: EngineError) -> bool:
     """Whether another upstream might do better where this one failed."""
-    if isinstance(exc, UpstreamRejected):
-        return False  # the request itself was refused: every engine would refuse it
+    if isinstance(exc, UpstreamRejected | MalformedToolCall):
+        return False  # the request was refused, or the model misspoke: not the engine's fault
     return isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamError | ModelNotFound)

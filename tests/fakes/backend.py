@@ -13,6 +13,8 @@ from llm_service.backends.base import (
     EngineStatus,
     StreamEnd,
     StreamItem,
+    ToolCall,
+    ToolCalls,
 )
 from llm_service.errors import ServiceError
 
@@ -25,6 +27,7 @@ class Scripted:
     end: StreamEnd = field(default_factory=StreamEnd)
     error: ServiceError | None = None
     gate: asyncio.Event | None = None  # wait for this before each chunk after the first
+    calls: tuple[ToolCall, ...] = ()  # tools the model calls, after the chunks
 
 
 class FakeBackend:
@@ -34,6 +37,7 @@ class FakeBackend:
     label = "fake"
     sampling_defaults: Mapping[str, float] = MappingProxyType({})
     context_limit: int | None = None
+    calls_tools = True
 
     def __init__(self, *, model: str = "fake-model", tokens_per_char: float | None = None):
         self.model = model
@@ -57,6 +61,8 @@ class FakeBackend:
                 yield chunk
             if reply.error is not None:
                 raise reply.error
+            if reply.calls:
+                yield ToolCalls(reply.calls)
             yield reply.end
         finally:
             self.closed_streams += 1

@@ -42,6 +42,11 @@ class Reply:
     omit_counts: bool = False  # leave the counters out of the done line
     omit_done: bool = False  # end the stream cleanly but without the done line
     done_reason: str = "stop"
+    # After the text: `message.tool_calls` as Ollama sends them ({"function": {"name",
+    # "arguments": {...}}}, sent as given, so a test can make them malformed), in one line,
+    # or a line each (as Ollama streams calls it parses one after another).
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls_apart: bool = False
 
 
 @dataclass
@@ -275,6 +280,11 @@ class FakeOllama:
                 await asyncio.sleep(pause)
             await _line(response, self._message(model, chunk, False))
             record.chunks_sent += 1
+        groups = [[c] for c in reply.tool_calls] if reply.tool_calls_apart else [reply.tool_calls]
+        for calls in groups if reply.tool_calls else ():
+            line = self._message(model, "", False)
+            line["message"]["tool_calls"] = calls
+            await _line(response, line)
         if reply.omit_done:
             return await self._finish(response, record)
         done = {

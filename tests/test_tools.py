@@ -1,0 +1,525 @@
+"""Tool calls: the model asks, the client answers, the reply goes on.
+
+The conversation's rules with a fake backend (pending calls, results, abandoned calls, whole
+turns trimmed), then the loop over real sockets against the fake Ollama and the fake
+OpenAI-compatible engine: calls in one piece and in many, parallel calls, malformed ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
+
+from llm_service.backends import BackendChoice
+from llm_service.backends.base import ChatMessage, ToolCall
+from llm_service.conversation import Conversation, SessionConfig, Turn
+from llm_service.errors import InvalidMessage
+from llm_service.metrics import Telemetry
+from llm_service.protocol import messages
+from tests.fakes.backend import FakeBackend, Scripted
+from tests.fakes.ollama import FakeOllama, Reply
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.openai import Reply as OpenAIReply
+from tests.support import (
+    Client,
+    RunningService,
+    make_settings,
+    metric,
+    running_service,
+    tokens_of,
+)
+
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def conversation(backend: FakeBackend, window: int = 8192, max_tokens: int = 64) -> Conversation:
+    sampling = make_settings().default_sampling().updated({"max_tokens": max_tokens})
+    config = SessionConfig("Be brief.", sampling, tools=(CLOCK,))
+    return Conversation("s1", config, backend, window, Telemetry())
+
+
+async def run(turn: Turn) -> list[str]:
+    texts: list[str] = []
+    async with aclosing(turn.stream()) as stream:
+        async for item in stream:
+            if isinstance(item, str):
+                texts.append(item)
+    return texts
+
+
+def call(call_id: str, city: str = "Lisbon") -> ToolCall:
+    return ToolCall(call_id, "get_time", {"city": city})
+
+
+def shape(prompt: Sequence[ChatMessage]) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for m in prompt:
+        if m.tool_calls:
+            out.append((m.role, m.content, *(c.id for c in m.tool_calls)))
+        elif m.role == "tool":
+            out.append((m.role, m.content, m.tool_call_id or "", m.tool_name or ""))
+        else:
+            out.append((m.role, m.content))
+    return out
+
+
+# -- the conversation's rules --------------------------------------------------------------
+
+
+async def test_calls_wait_for_results_then_the_follow_up_has_them_all() -> None:
+    backend = FakeBackend()
+    backend.script.extend(
+        [Scripted(["Let me look."], calls=(call("c1"), call("c2", "Porto"))), Scripted(["Noon."])]
+    )
+    conv = conversation(backend)
+    turn = conv.start_turn("What time is it in Lisbon and Porto?", "r1")
+    assert await run(turn) == ["Let me look."]
+    assert backend.calls[0].tools == (CLOCK,)
+    assert conv.pending_calls == (call("c1"), call("c2", "Porto"))
+
+    before = messages(conv.messages())
+    for results, why in [
+        ([("c1", "12:00")], "no result for the call 'c2'"),
+        ([("c1", "12:00"), ("c2", "12:00"), ("c3", "?")], "no pending call has the id 'c3'"),
+        ([("c1", "12:00"), ("c1", "12:00")], "more than one result"),
+    ]:
+        with pytest.raises(InvalidMessage, match=why):
+            conv.answer_tools(results, None)
+        assert messages(conv.messages()) == before  # nothing changed
+
+    follow = conv.answer_tools([("c2", "12:01"), ("c1", "12:00")], "r2")
+    assert follow.user is None and follow.response_id == "r2"
+    assert await run(follow) == ["Noon."]
+    assert shape(backend.calls[1].messages) == [
+        ("system", "Be brief."),
+        ("user", "What time is it in Lisbon and Porto?"),
+        ("assistant", "Let me look.", "c1", "c2"),
+        ("tool", "12:00", "c1", "get_time"),  # in the order of the calls
+        ("tool", "12:01", "c2", "get_time"),
+    ]
+    still: tuple[ToolCall, ...] = conv.pending_calls
+    assert still == ()
+    history = messages(conv.messages())
+    assert history[2]["tool_calls"] == [
+        {"id": "c1", "name": "get_time", "arguments": {"city": "Lisbon"}},
+        {"id": "c2", "name": "get_time", "arguments": {"city": "Porto"}},
+    ]
+    assert history[3] == {
+        "role": "tool",
+        "content": "12:00",
+        "tool_call_id": "c1",
+        "name": "get_time",
+    }
+    assert history[-1] == {
+        "role": "assistant", "content": "Noon.", "status": "complete", "response_id": "r2"
+    }  # fmt: skip
+    with pytest.raises(InvalidMessage, match="no tool call is waiting"):
+        conv.answer_tools([("c1", "again")], None)
+
+
+async def test_a_user_message_answers_pending_calls_as_cancelled() -> None:
+    backend = FakeBackend()
+    backend.script.extend([Scripted([], calls=(call("c1"),)), Scripted(["Sure."])])
+    conv = conversation(backend)
+    assert await run(conv.start_turn("Time in Lisbon?")) == []
+    assert conv.entries[-1].tool_calls  # a reply of calls alone is kept
+    await run(conv.start_turn("Never mind, hello."))
+    assert shape(backend.calls[1].messages)[2:] == [
+        ("assistant", "", "c1"),
+        ("tool", "cancelled", "c1", "get_time"),
+        ("user", "Never mind, hello."),
+    ]
+    body = generate_latest(conv.telemetry.registry).decode()
+    assert metric(body, "llm_service_tool_calls_total", 'outcome="called"') == 1
+    assert metric(body, "llm_service_tool_calls_total", 'outcome="cancelled"') == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    turns=st.lists(
+        st.tuples(st.integers(1, 200), st.integers(0, 3), st.integers(1, 200)),
+        min_size=1,
+        max_size=8,
+    ),
+    window=st.integers(300, 1200),
+)
+def test_trimming_drops_whole_turns_and_never_parts_a_call_from_its_results(
+    turns: list[tuple[int, int, int]], window: int
+) -> None:
+    """Turns of random sizes, some with calls, in a small window: every prompt starts its
+    history with a user message, and every call in it is followed by its results."""
+
+    async def check() -> None:
+        backend = FakeBackend()
+        conv = conversation(backend, window=window, max_tokens=32)
+        for n, (asked, calls, answer) in enumerate(turns):
+            made = tuple(call(f"c{n}-{i}") for i in range(calls))
+            backend.script.append(Scripted(["a" * answer], calls=made))
+            try:
+                turn = conv.start_turn("q" * asked)
+            except Exception:
+                continue  # a message too big for the window: refused, nothing changed
+            await run(turn)
+            if made:
+                backend.script.append(Scripted(["done"]))
+                try:
+                    follow = conv.answer_tools([(c.id, "r" * answer) for c in made], None)
+                except Exception:
+                    await run(conv.start_turn("x"))  # the results cannot fit: abandon them
+                    continue
+                await run(follow)
+        for request in backend.calls:
+            prompt = list(request.messages)
+            assert prompt[0].role == "system"
+            assert prompt[1].role == "user", shape(prompt)
+            for i, message in enumerate(prompt):
+                if message.tool_calls:
+                    answered = [
+                        m.tool_call_id for m in prompt[i + 1 : i + 1 + len(message.tool_calls)]
+                    ]
+                    assert answered == [c.id for c in message.tool_calls], shape(prompt)
+
+    asyncio.run(check())
+
+
+async def test_the_tools_count_against_the_context_budget() -> None:
+    backend = FakeBackend()
+    with_tools = conversation(backend)
+    plain = Conversation(
+        "s2", SessionConfig("Be brief.", with_tools.config.sampling), backend, 8192, Telemetry()
+    )
+    assert with_tools.tools_tokens > 20 and plain.tools_tokens == 0
+    gap = with_tools.start_turn("Hi").prompt_tokens - plain.start_turn("Hi").prompt_tokens
+    assert gap == with_tools.tools_tokens
+
+
+# -- over real sockets: Ollama -------------------------------------------------------------
+
+
+async def configured(client: Client, tools: list[dict[str, Any]]) -> dict[str, Any]:
+    await client.start()
+    await client.send({"type": "start_session", "config": {"tools": tools}})
+    answer = await client.recv()
+    assert answer["type"] == "session_configured", answer
+    return answer
+
+
+def ollama_call(name: str, arguments: Any) -> dict[str, Any]:
+    return {"function": {"name": name, "arguments": arguments}}
+
+
+async def test_the_loop_on_ollama_call_result_follow_up(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(
+        Reply(["Checking", "."], tool_calls=[ollama_call("get_time", {"city": "Lisbon"})]),
+        Reply(["It is", " noon."]),
+    )
+    client = await service.connect()
+    answer = await configured(client, [CLOCK])
+    assert answer["config"]["tools"] == [CLOCK]
+    await client.send({"type": "user_message", "text": "Time in Lisbon?", "response_id": "r1"})
+    frames = await client.recv_until("response_complete")
+    assert [f["type"] for f in frames] == ["token", "token", "tool_call", "response_complete"]
+    calls = frames[2]["calls"]
+    assert frames[2]["response_id"] == "r1"
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_time", {"city": "Lisbon"})]
+    assert calls[0]["id"].startswith("call_")  # Ollama gave none: the service made one
+    assert frames[-1]["stats"]["done_reason"] == "tool_calls"
+    assert fake_ollama.chats[0].body["tools"] == [CLOCK]
+
+    await client.send(
+        {"type": "tool_result", "results": [{"id": calls[0]["id"], "content": "12:00"}]}
+    )
+    frames = await client.recv_until("response_complete")
+    assert tokens_of(frames) == ["It is", " noon."]
+    follow_id = frames[-1]["response_id"]
+    assert follow_id not in ("r1", None)
+    sent = fake_ollama.chats[1].messages
+    assert sent[-2:] == [
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {
+                    "id": calls[0]["id"],
+                    "function": {"name": "get_time", "arguments": {"city": "Lisbon"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "12:00", "tool_name": "get_time"},
+    ]
+    history = await client.history(response_ids=True)
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+    assert history[1]["tool_calls"] == calls and history[1]["response_id"] == "r1"
+    assert history[3]["response_id"] == follow_id
+    body = (await service.get("/metrics", monitoring=True)).text
+    assert metric(body, "llm_service_tool_calls_total", 'outcome="called"') == 1
+    assert metric(body, "llm_service_tool_calls_total", 'outcome="answered"') == 1
+    await client.close()
+
+
+async def test_parallel_calls_in_lines_of_their_own_make_one_frame(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(
+        Reply(
+            [],
+            tool_calls=[
+                {"id": "a", **ollama_call("get_time", {"city": "Lisbon"})},
+                {"id": "b", **ollama_call("get_weather", '{"city": "Porto"}')},
+            ],
+            tool_calls_apart=True,
+        ),
+        Reply(["Noon and sun."]),
+    )
+    client = await service.connect()
+    await configured(client, [CLOCK, WEATHER])
+    frames = await client.turn("Time in Lisbon, weather in Porto?")
+    assert [f["type"] for f in frames] == ["tool_call", "response_complete"]
+    assert frames[0]["calls"] == [
+        {"id": "a", "name": "get_time", "arguments": {"city": "Lisbon"}},
+        {"id": "b", "name": "get_weather", "arguments": {"city": "Porto"}},  # text parsed
+    ]
+    await client.send(
+        {
+            "type": "tool_result",
+            "response_id": "after-tools",
+            "results": [{"id": "b", "content": {"sky": "sun"}}, {"id": "a", "content": "12:00"}],
+        }
+    )
+    frames = await client.recv_until("response_complete")
+    assert frames[-1]["response_id"] == "after-tools"
+    sent = fake_ollama.chats[1].messages
+    assert sent[-2:] == [
+        {"role": "tool", "content": "12:00", "tool_name": "get_time"},
+        {"role": "tool", "content": '{"sky":"sun"}', "tool_name": "get_weather"},
+    ]
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ollama_call("get_time", "{not json"),
+        ollama_call("get_time", "[1, 2]"),
+        ollama_call("", {}),
+        {"nothing": "here"},
+    ],
+)
+async def test_a_malformed_call_is_upstream_error_and_leaves_history_as_it_was(
+    service: RunningService, fake_ollama: FakeOllama, bad: dict[str, Any]
+) -> None:
+    fake_ollama.script(Reply(["Hm"], tool_calls=[bad]), Reply(["Fine."]))
+    client = await service.connect()
+    await configured(client, [CLOCK])
+    frames = await client.turn("Time?")
+    assert frames[-1]["type"] == "error", frames
+    assert frames[-1]["error"]["code"] == "upstream_error"
+    history = await client.history()
+    assert history == [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": "Hm", "status": "incomplete"},
+    ]
+    assert tokens_of(await client.turn("Again?")) == ["Fine."]  # no dangling call
+    body = (await service.get("/metrics", monitoring=True)).text
+    assert metric(body, "llm_service_tool_calls_total", 'outcome="malformed"') == 1
+    assert len(fake_ollama.chats) == 2  # not tried on another engine: the model misspoke
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        ({"results": [{"id": "x", "content": "1"}]}, "no tool call is waiting"),
+        ({"results": []}, "a list of 1 to"),
+        ({"results": [{"id": "x"}]}, "has no 'content'"),
+        ({"results": [{"id": 3, "content": "1"}]}, "string field 'id'"),
+        ({"results": "x"}, "a list of 1 to"),
+    ],
+)
+async def test_a_tool_result_that_cannot_apply_is_an_invalid_message(
+    service: RunningService, frame: dict[str, Any], why: str
+) -> None:
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "tool_result", **frame})
+    answer = await client.recv()
+    assert answer["type"] == "error" and answer["error"]["code"] == "invalid_message"
+    assert why in answer["error"]["message"]
+    assert await client.history() == []
+    await client.close()
+
+
+async def test_results_for_unknown_or_missing_calls_change_nothing(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script(Reply([], tool_calls=[{"id": "t1", **ollama_call("get_time", {})}]))
+    client = await service.connect()
+    await configured(client, [CLOCK])
+    await client.turn("Time?")
+    before = await client.history()
+    for results in ([{"id": "t2", "content": "?"}], [{"id": "t1", "content": "?"}] * 2):
+        await client.send({"type": "tool_result", "results": results})
+        answer = await client.recv()
+        assert answer["error"]["code"] == "invalid_message", answer
+        assert await client.history() == before
+    assert len(fake_ollama.chats) == 1
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "tools",
+    [
+        [{"type": "function", "function": {"name": "has space"}}],
+        [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+        [
+            {"type": "function", "function": {"name": "f"}},
+            {"type": "function", "function": {"name": "f"}},
+        ],
+        [{"type": "code_interpreter", "function": {"name": "f"}}],
+        [{"type": "function"}],
+        "get_time",
+    ],
+)
+async def test_bad_tools_are_an_invalid_config(service: RunningService, tools: Any) -> None:
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "start_session", "config": {"tools": tools}})
+    answer = await client.recv()
+    assert answer["type"] == "error" and answer["error"]["code"] == "invalid_config", answer
+    assert "tools" in answer["error"]["message"]
+    await client.close()
+
+
+class NoTools(FakeBackend):
+    name = "llamacpp"
+    calls_tools = False
+
+
+async def no_tools(settings: Any) -> BackendChoice:
+    return BackendChoice((NoTools(),), "a test", None)
+
+
+async def test_an_engine_whose_model_does_not_call_tools_says_so() -> None:
+    async with running_service(make_settings(), no_tools) as service:
+        client = await service.connect()
+        await client.start()
+        await client.send({"type": "start_session", "config": {"tools": [CLOCK]}})
+        answer = await client.recv()
+        assert answer["error"]["code"] == "invalid_config"
+        assert "does not call tools" in answer["error"]["message"]
+        await client.close()
+
+
+# -- over real sockets: an OpenAI-compatible engine ----------------------------------------
+
+
+@pytest.fixture
+async def openai_fake() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as engine:
+        yield engine
+
+
+async def test_the_loop_on_an_openai_compatible_engine_with_calls_in_pieces(
+    openai_fake: FakeOpenAI,
+) -> None:
+    arguments = json.dumps({"city": "Lisbon", "note": "x" * 60})  # many argument fragments
+    openai_fake.script(
+        OpenAIReply(
+            chunks=["One", " moment."],
+            tool_calls=[
+                {"id": "call_a", "name": "get_time", "arguments": arguments},
+                {"id": "call_b", "name": "get_weather", "arguments": '{"city": "Porto"}'},
+            ],
+        ),
+        OpenAIReply(chunks=["Noon", ", sunny."]),
+    )
+    settings = make_settings(
+        llm_backend="openai", openai_base_url=openai_fake.url, llm_model="smollm2"
+    )
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await configured(client, [CLOCK, WEATHER])
+        frames = await client.turn("Time in Lisbon, weather in Porto?")
+        assert tokens_of(frames) == ["One", " moment."]
+        assert frames[-2]["calls"] == [
+            {"id": "call_a", "name": "get_time", "arguments": json.loads(arguments)},
+            {"id": "call_b", "name": "get_weather", "arguments": {"city": "Porto"}},
+        ]
+        assert frames[-1]["stats"]["done_reason"] == "tool_calls"
+        assert openai_fake.chats[0].body["tools"] == [CLOCK, WEATHER]
+        await client.send(
+            {
+                "type": "tool_result",
+                "results": [
+                    {"id": "call_a", "content": "12:00"},
+                    {"id": "call_b", "content": "sun"},
+                ],
+            }
+        )
+        frames = await client.recv_until("response_complete")
+        assert tokens_of(frames) == ["Noon", ", sunny."]
+        sent = openai_fake.chats[1].messages
+        assistant = sent[-3]
+        assert assistant["role"] == "assistant" and assistant["content"] == "One moment."
+        assert [
+            (c["id"], c["type"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in assistant["tool_calls"]
+        ] == [
+            ("call_a", "function", "get_time", json.loads(arguments)),
+            ("call_b", "function", "get_weather", {"city": "Porto"}),
+        ]
+        assert sent[-2:] == [
+            {"role": "tool", "tool_call_id": "call_a", "content": "12:00"},
+            {"role": "tool", "tool_call_id": "call_b", "content": "sun"},
+        ]
+        await client.close()
+
+
+async def test_malformed_arguments_from_an_openai_compatible_engine(
+    openai_fake: FakeOpenAI,
+) -> None:
+    openai_fake.script(
+        OpenAIReply(chunks=[], tool_calls=[{"name": "get_time", "arguments": '{"city": "Lis'}]),
+        OpenAIReply(chunks=["Hello."]),
+    )
+    settings = make_settings(
+        llm_backend="openai", openai_base_url=openai_fake.url, llm_model="smollm2"
+    )
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await configured(client, [CLOCK])
+        frames = await client.turn("Time?")
+        assert frames[-1]["error"]["code"] == "upstream_error"
+        assert "not valid JSON" in frames[-1]["error"]["message"]
+        assert await client.history() == []  # no text, no call: as it was
+        assert tokens_of(await client.turn("Hi")) == ["Hello."]
+        await client.close()
