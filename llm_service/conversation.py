@@ -65,6 +65,9 @@ REPLY_PRIMER = 3
 
 Status = Literal["complete", "interrupted", "incomplete", "streaming"]
 Chunking = Literal["none", "clause", "sentence"]
+# "auto" (the engine's default), "none", "required", or {"type": "function", "function":
+# {"name": ...}}: the shape of OpenAI's tool_choice.
+ToolChoice = str | dict[str, Any]
 MAX_RESPONSE_ID = 64
 
 
@@ -87,6 +90,7 @@ class SessionConfig:
     sampling: SamplingParams
     chunking: Chunking = "none"  # what one token frame holds: an engine chunk, or a piece
     tools: tuple[Mapping[str, Any], ...] = ()  # the functions the model may call
+    tool_choice: ToolChoice = "auto"  # whether, and which, it must call
 
     def updated(
         self,
@@ -95,6 +99,7 @@ class SessionConfig:
         context_window: int,
         chunking: Chunking | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: ToolChoice | None = None,
     ) -> SessionConfig:
         """This config with what the client set; raises `InvalidConfig` if it cannot work."""
         new = SessionConfig(
@@ -102,7 +107,10 @@ class SessionConfig:
             self.sampling.updated(sampling),
             self.chunking if chunking is None else chunking,
             self.tools if tools is None else tuple(tools),
+            self.tool_choice if tool_choice is None else tool_choice,
         )
+        if (wrong := new.wrong_choice(new.tool_choice)) is not None:
+            raise InvalidConfig(f"tool_choice: {wrong}")
         max_tokens = new.sampling.max_tokens
         if max_tokens >= context_window:
             raise InvalidConfig(
@@ -110,6 +118,16 @@ class SessionConfig:
                 f"({context_window}), which must also hold the prompt"
             )
         return new
+
+    def wrong_choice(self, choice: ToolChoice) -> str | None:
+        """What is wrong with `choice` for these tools, if anything."""
+        if isinstance(choice, dict):
+            name = choice["function"]["name"]
+            if name not in {t["function"]["name"] for t in self.tools}:
+                return f"no tool of the session is named {name!r}"
+        elif choice == "required" and not self.tools:
+            return "'required' needs tools"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +210,7 @@ class Turn:
         self.flushed = ""  # what that flush handed on
         self.calls: tuple[ToolCall, ...] = ()  # the tools the model called
         self.dropped_turns = 0
+        self.tool_choice: ToolChoice = conversation.config.tool_choice
 
     async def stream(self) -> AsyncGenerator[str | TurnStats, None]:
         """Yield the reply's text chunks, then its `TurnStats`; update the history at the end."""
@@ -203,6 +222,7 @@ class Turn:
             conv.context_window,
             conv.session_id,
             conv.config.tools,
+            self.tool_choice,
         )
         try:
             async with aclosing(conv.backend.stream_chat(request)) as chunks:
@@ -357,7 +377,9 @@ class Conversation:
         last = self.entries[-1] if self.entries else None
         return last.tool_calls if last is not None and last.role == "assistant" else ()
 
-    def start_turn(self, text: str, response_id: str | None = None) -> Turn:
+    def start_turn(
+        self, text: str, response_id: str | None = None, tool_choice: ToolChoice | None = None
+    ) -> Turn:
         """Admit `text` and plan its turn: the prompt that fits the window, oldest turns
         dropped. Only a turn that is started counts against the rate limit."""
         limits = self.limits
@@ -365,6 +387,7 @@ class Conversation:
             raise MessageTooLong(
                 f"the message has {len(text)} characters; the limit is {limits.max_chars}"
             )
+        self._check_choice(tool_choice)
         self._admit()
         pending = self.pending_calls
         if pending:  # abandoned: answered as cancelled, so no call is left dangling
@@ -376,9 +399,14 @@ class Conversation:
             raise
         if pending:
             self.telemetry.tool_calls("cancelled", len(pending))
-        return self._started(turn)
+        return self._started(turn, tool_choice)
 
-    def answer_tools(self, results: Sequence[tuple[str, str]], response_id: str | None) -> Turn:
+    def answer_tools(
+        self,
+        results: Sequence[tuple[str, str]],
+        response_id: str | None,
+        tool_choice: ToolChoice | None = None,
+    ) -> Turn:
         """`tool_result`: the results of every pending call join the history, and the model's
         follow-up reply is planned as a turn of its own. Results that do not answer exactly
         the pending calls are an `InvalidMessage`, and nothing changes."""
@@ -393,6 +421,7 @@ class Conversation:
             raise InvalidMessage(f"tool_result: no pending call has the id {unknown[0][:64]!r}")
         if missing := [c.id for c in pending if c.id not in set(ids)]:
             raise InvalidMessage(f"tool_result: no result for the call {missing[0]!r}")
+        self._check_choice(tool_choice)
         self._admit()
         self._answer(pending, results)
         try:
@@ -401,7 +430,7 @@ class Conversation:
             del self.entries[len(self.entries) - len(pending) :]
             raise
         self.telemetry.tool_calls("answered", len(pending))
-        return self._started(turn)
+        return self._started(turn, tool_choice)
 
     def _admit(self) -> None:
         wait = self._rate.wait()
@@ -420,7 +449,13 @@ class Conversation:
             entry = Entry("tool", text, self.count(text), tool_call_id=call.id, tool_name=call.name)
             self.entries.append(entry)
 
-    def _started(self, turn: Turn) -> Turn:
+    def _check_choice(self, choice: ToolChoice | None) -> None:
+        if choice is not None and (wrong := self.config.wrong_choice(choice)) is not None:
+            raise InvalidMessage(f"tool_choice: {wrong}")
+
+    def _started(self, turn: Turn, tool_choice: ToolChoice | None) -> Turn:
+        if tool_choice is not None:
+            turn.tool_choice = tool_choice
         self._rate.record()
         self.current = turn
         return turn

@@ -36,6 +36,7 @@ from llm_service.conversation import (
     Entry,
     SessionConfig,
     SessionSummary,
+    ToolChoice,
     TurnStats,
 )
 from llm_service.errors import (
@@ -68,6 +69,22 @@ class ToolFunction(BaseModel):
         return schema
 
 
+class ToolFunctionName(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ForcedTool(BaseModel):
+    """`tool_choice` naming one function: the model must call it."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    type: Literal["function"]
+    function: ToolFunctionName
+
+
+ToolChoiceField = Literal["auto", "none", "required"] | ForcedTool
+
+
 class ToolSpec(BaseModel):
     """One entry of a session's `tools`: the shape Ollama and OpenAI-compatible engines share."""
 
@@ -93,6 +110,7 @@ ConfigUpdate = create_model(
         Annotated[list[ToolSpec] | None, AfterValidator(_distinct_names)],
         Field(None, max_length=MAX_TOOLS),
     ),
+    tool_choice=(ToolChoiceField | None, None),
     **SamplingParams.optional_fields(),
 )
 
@@ -105,6 +123,7 @@ class ConfigChanges:
     sampling: dict[str, Any]
     chunking: Chunking | None
     tools: list[dict[str, Any]] | None
+    tool_choice: ToolChoice | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +138,7 @@ class StartSession:
             values,
             values.pop("chunking", None),
             values.pop("tools", None),
+            values.pop("tool_choice", None),
         )
 
 
@@ -127,12 +147,14 @@ class UserMessage:
     text: str
     response_id: str | None = None  # the client's name for the reply; None: one is made
     interrupt: bool = False  # cancel the reply streaming, if any, and start this one
+    tool_choice: ToolChoice | None = None  # for this reply; None: the session's
 
 
 @dataclass(frozen=True, slots=True)
 class ToolResult:
     results: tuple[tuple[str, str], ...]  # (the call's id, its result as text), in order
     response_id: str | None = None  # the follow-up reply's; None: one is made
+    tool_choice: ToolChoice | None = None  # for the follow-up; None: the session's
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +221,7 @@ def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
         if len(data) == 2:
             return UserMessage(body)  # the common frame: type and text alone
         response_id = None if data.get("response_id") is None else _response_id(data)
-        return UserMessage(body, response_id, _interrupt(data))
+        return UserMessage(body, response_id, _interrupt(data), _tool_choice(data))
     if kind == "tool_result":
         return _parse_tool_result(data)
     if kind == "truncate":
@@ -262,7 +284,23 @@ def _parse_tool_result(data: dict[str, Any]) -> ToolResult:
         text = content if isinstance(content, str) else orjson.dumps(content).decode()
         parsed.append((call_id, text))
     response_id = None if data.get("response_id") is None else _response_id(data)
-    return ToolResult(tuple(parsed), response_id)
+    return ToolResult(tuple(parsed), response_id, _tool_choice(data))
+
+
+def _tool_choice(data: dict[str, Any]) -> ToolChoice | None:
+    value = data.get("tool_choice")
+    if value is None:
+        return None
+    if value in ("auto", "none", "required"):
+        return str(value)
+    try:
+        forced = ForcedTool.model_validate(value)
+    except ValidationError as exc:
+        raise InvalidMessage(
+            f'{data["type"]} \'tool_choice\' must be "auto", "none", "required" or '
+            '{"type": "function", "function": {"name": ...}}'
+        ) from exc
+    return {"type": "function", "function": {"name": forced.function.name}}
 
 
 def _response_id(data: dict[str, Any]) -> str:
@@ -420,6 +458,7 @@ def config_body(config: SessionConfig) -> dict[str, Any]:
         "system_prompt": config.system_prompt,
         "chunking": config.chunking,
         "tools": list(config.tools),
+        "tool_choice": config.tool_choice,
     }
     body.update(config.sampling.model_dump())
     body["stop"] = list(config.sampling.stop)

@@ -195,6 +195,7 @@ class Session:
                 "system_prompt": conv.config.system_prompt,
                 "chunking": conv.config.chunking,
                 "tools": list(conv.config.tools),
+                "tool_choice": conv.config.tool_choice,
                 **conv.config.sampling.model_dump(mode="json"),
             },
             messages=[
@@ -358,8 +359,9 @@ class SessionRegistry:
         if chunking not in ("none", "clause", "sentence"):
             chunking = "none"
         tools = tuple(sampling.pop("tools", None) or ())
+        choice = sampling.pop("tool_choice", None) or "auto"
         config = SessionConfig(
-            prompt, service.default_config.sampling.updated(sampling), chunking, tools
+            prompt, service.default_config.sampling.updated(sampling), chunking, tools, choice
         )
         conversation = Conversation(
             session_id=record.session_id,

@@ -212,7 +212,7 @@ class Connection:
                 self._refuse_if_busy()
                 response_id = frame.response_id or new_response_id()
                 try:
-                    reply.start(conv.answer_tools(results, response_id))
+                    reply.start(conv.answer_tools(results, response_id, frame.tool_choice))
                 except ServiceError as exc:
                     exc.response_id = response_id
                     raise
@@ -241,6 +241,7 @@ class Connection:
                     conv.context_window,
                     changes.chunking,
                     changes.tools,
+                    changes.tool_choice,
                 )
                 conv.reset(config)
                 await send(protocol.session_configured, conv.session_id, config, frame.ignored)
@@ -265,7 +266,8 @@ class Connection:
             if frame.interrupt and session.generating:
                 await self.registry.interrupt(session)
             self._refuse_if_busy()
-            session.reply.start(session.conversation.start_turn(frame.text, response_id))
+            turn = session.conversation.start_turn(frame.text, response_id, frame.tool_choice)
+            session.reply.start(turn)
         except ServiceError as exc:
             exc.response_id = response_id  # the refusal names the reply it refused
             raise

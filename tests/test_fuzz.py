@@ -61,6 +61,7 @@ config_values = st.dictionaries(
             "min_p",
             "chunking",
             "tools",
+            "tool_choice",
             "other",
         ]
     ),
@@ -77,6 +78,7 @@ frame_objects = st.fixed_dictionaries(
         "last_seq": json_values | st.integers(-5, 10**6),
         "response_id": json_values | st.text(max_size=70),
         "interrupt": json_values,
+        "tool_choice": json_values | st.sampled_from(["auto", "none", "required"]),
         "heard_chars": json_values | st.integers(-5, 10**6),
         "results": json_values
         | st.lists(st.fixed_dictionaries({"id": st.text(max_size=8), "content": json_values})),

@@ -274,9 +274,9 @@ async def test_refused_connections_are_upstream_unavailable(fake: FakeOpenAI) ->
 
 
 @contextlib.asynccontextmanager
-async def llama_cpp_server(tmp_path: Path) -> AsyncIterator[str]:
+async def llama_cpp_server(tmp_path: Path, *extra: str) -> AsyncIterator[str]:
     """`python -m llama_cpp.server` on a free port, serving the packaged SmolLM2 as
-    `smollm2`; yields its base URL (`.../v1`)."""
+    `smollm2` (with `extra` arguments); yields its base URL (`.../v1`)."""
     port = free_port()
     log = (tmp_path / f"llama-server-{port}.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
@@ -295,6 +295,7 @@ async def llama_cpp_server(tmp_path: Path) -> AsyncIterator[str]:
         "2048",
         "--n_threads",
         "1",
+        *extra,
         stdout=log,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -352,6 +353,67 @@ async def test_a_real_openai_compatible_server_holds_a_conversation(tmp_path: Pa
             assert (await client.recv_until("cancelled", limit=30))[-1]["success"] is True
             frames = await client.turn("What is the capital of France?", limit=60)
             assert frames[-1]["type"] == "response_complete"
+            await client.close()
+
+
+async def test_a_real_openai_compatible_server_calls_a_tool_and_answers_with_its_result(
+    tmp_path: Path,
+) -> None:
+    """llama-cpp-python's server with its `chatml-function-calling` handler, which streams
+    calls in pieces when one is forced (grammar-constrained arguments). The first turn forces
+    `get_time`; the follow-up, with tool_choice "none", answers in text from the result."""
+    clock = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The current time in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    forced = {"type": "function", "function": {"name": "get_time"}}
+    async with llama_cpp_server(tmp_path, "--chat_format", "chatml-function-calling") as url:
+        settings = openai_settings(url, openai_sampling_dialect="llamacpp")
+        async with running_service(settings) as service:
+            client = await service.connect()
+            await client.start()
+            config = {"temperature": 0.0, "max_tokens": 96, "tools": [clock]}
+            await client.send({"type": "start_session", "config": config})
+            assert (await client.recv())["type"] == "session_configured"
+            await client.send(
+                {
+                    "type": "user_message",
+                    "text": "What time is it in Lisbon?",
+                    "tool_choice": forced,
+                }
+            )
+            frames = await client.recv_until(("response_complete", "error"), limit=60)
+            assert frames[-1]["type"] == "response_complete", frames[-1]
+            assert frames[-1]["stats"]["done_reason"] == "tool_calls"
+            (called,) = [f for f in frames if f["type"] == "tool_call"]
+            (call,) = called["calls"]
+            assert call["name"] == "get_time" and isinstance(call["arguments"], dict)
+            await client.send(
+                {
+                    "type": "tool_result",
+                    "results": [{"id": call["id"], "content": "It is 12:00 in Lisbon."}],
+                    "tool_choice": "none",
+                }
+            )
+            frames = await client.recv_until(("response_complete", "error"), limit=60)
+            assert frames[-1]["type"] == "response_complete", frames[-1]
+            assert "".join(tokens_of(frames)).strip()  # a reply in words
+            history = await client.history()
+            assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+            assert history[2] == {
+                "role": "tool",
+                "content": "It is 12:00 in Lisbon.",
+                "tool_call_id": call["id"],
+                "name": "get_time",
+            }
             await client.close()
 
 

@@ -523,3 +523,86 @@ async def test_malformed_arguments_from_an_openai_compatible_engine(
         assert await client.history() == []  # no text, no call: as it was
         assert tokens_of(await client.turn("Hi")) == ["Hello."]
         await client.close()
+
+
+# -- tool_choice ---------------------------------------------------------------------------
+
+FORCED = {"type": "function", "function": {"name": "get_time"}}
+
+
+async def test_tool_choice_for_the_session_and_for_one_reply(openai_fake: FakeOpenAI) -> None:
+    """The session's choice goes with every turn (none when "auto", the engines' default);
+    a user_message or tool_result may set one for its own reply."""
+    openai_fake.script(
+        OpenAIReply(chunks=[], tool_calls=[{"id": "k", "name": "get_time", "arguments": "{}"}]),
+        OpenAIReply(chunks=["Noon."]),
+        OpenAIReply(chunks=["Hi."]),
+    )
+    settings = make_settings(
+        llm_backend="openai", openai_base_url=openai_fake.url, llm_model="smollm2"
+    )
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await client.start()
+        await client.send(
+            {"type": "start_session", "config": {"tools": [CLOCK], "tool_choice": FORCED}}
+        )
+        assert (await client.recv())["config"]["tool_choice"] == FORCED
+        await client.turn("Time?")
+        await client.send(
+            {
+                "type": "tool_result",
+                "results": [{"id": "k", "content": "12"}],
+                "tool_choice": "none",
+            }
+        )
+        await client.recv_until("response_complete")
+        await client.send({"type": "user_message", "text": "Hi", "tool_choice": "auto"})
+        await client.recv_until("response_complete")
+        assert [c.body.get("tool_choice") for c in openai_fake.chats] == [FORCED, "none", None]
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "frame"),
+    [
+        (
+            {"tools": [CLOCK], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            None,
+        ),
+        ({"tool_choice": "required"}, None),
+        ({"tools": [CLOCK], "tool_choice": "sometimes"}, None),
+        ({"tools": [CLOCK]}, {"type": "function", "function": {"name": "nope"}}),
+        ({"tools": [CLOCK]}, "always"),
+    ],
+)
+async def test_a_tool_choice_that_cannot_apply_is_refused(
+    service: RunningService, fake_ollama: FakeOllama, config: dict[str, Any], frame: Any
+) -> None:
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "start_session", "config": config})
+    answer = await client.recv()
+    if frame is None:
+        assert answer["type"] == "error" and answer["error"]["code"] == "invalid_config", answer
+        assert "tool_choice" in answer["error"]["message"]
+    else:
+        assert answer["type"] == "session_configured"
+        await client.send({"type": "user_message", "text": "Hi", "tool_choice": frame})
+        answer = await client.recv()
+        assert answer["error"]["code"] == "invalid_message", answer
+        assert "tool_choice" in answer["error"]["message"]
+        assert fake_ollama.chats == []
+    await client.close()
+
+
+async def test_on_ollama_tool_choice_none_leaves_the_tools_out(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    client = await service.connect()
+    await configured(client, [CLOCK])
+    await client.send({"type": "user_message", "text": "Hi", "tool_choice": "none"})
+    await client.recv_until("response_complete")
+    await client.turn("Hi again")
+    assert ["tools" in c.body for c in fake_ollama.chats] == [False, True]
+    await client.close()

@@ -83,6 +83,7 @@ class ChatRequest:
     context_window: int
     affinity: str = ""  # the session's id: a pool keeps a session on one engine
     tools: Sequence[Mapping[str, Any]] = ()  # the functions the model may call
+    tool_choice: str | Mapping[str, Any] = "auto"  # OpenAI's shape: auto, none, required, one
 
 
 @dataclass(frozen=True, slots=True)

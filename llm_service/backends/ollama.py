@@ -118,7 +118,7 @@ class OllamaBackend:
             "keep_alive": self._keep_alive,
             "options": options,
         }
-        if request.tools:
+        if request.tools and request.tool_choice != "none":  # Ollama has no other choice
             body["tools"] = list(request.tools)
         return body
 

@@ -124,6 +124,8 @@ class OpenAIBackend:
         }
         if request.tools:
             body["tools"] = list(request.tools)
+            if request.tool_choice != "auto":  # the engines' default, left to them
+                body["tool_choice"] = request.tool_choice
         # OpenAI's newer models take only max_completion_tokens; the other engines max_tokens
         limit = "max_completion_tokens" if self._dialect == "openai" else "max_tokens"
         body[limit] = sampling.max_tokens
@@ -241,7 +243,8 @@ def _tool_message(message: ChatMessage) -> dict[str, Any]:
         }
         for c in message.tool_calls
     ]
-    return {"role": message.role, "content": message.content or None, "tool_calls": calls}
+    # content "" rather than null: llama-cpp-python's server takes only a string
+    return {"role": message.role, "content": message.content, "tool_calls": calls}
 
 
 async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
