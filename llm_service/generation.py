@@ -99,6 +99,13 @@ class Generation:
         if self.busy:
             raise GenerationInProgress("a reply is still streaming; send cancel first")
 
+    async def settle(self) -> None:
+        """Let a reply whose turn has ended send its last frames: a `tool_result` may be read
+        between the `tool_call` it answers and that reply's `response_complete`."""
+        task, turn = self.task, self.turn
+        if task is not None and not task.done() and turn is not None and turn.finished_at:
+            await asyncio.wait({task}, timeout=_UNWIND_LIMIT_S)
+
     def start(self, turn: Turn) -> None:
         self.turn, self._unwinding = turn, False
         self.task = self._session.spawn(self._stream(turn))

@@ -209,6 +209,7 @@ class Connection:
             case UserMessage():
                 await self._user_message(frame)
             case ToolResult(results=results):
+                await reply.settle()
                 self._refuse_if_busy()
                 response_id = frame.response_id or new_response_id()
                 try:

@@ -606,3 +606,23 @@ async def test_on_ollama_tool_choice_none_leaves_the_tools_out(
     await client.turn("Hi again")
     assert ["tools" in c.body for c in fake_ollama.chats] == [False, True]
     await client.close()
+
+
+async def test_a_result_sent_as_soon_as_the_call_arrives_is_taken(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    """A client may answer on the `tool_call` frame, before that reply's `response_complete`."""
+    fake_ollama.script(
+        Reply(["Checking."], tool_calls=[{"id": "q", **ollama_call("get_time", {})}]),
+        Reply(["Noon."]),
+    )
+    client = await service.connect()
+    await configured(client, [CLOCK])
+    await client.send({"type": "user_message", "text": "Time?"})
+    await client.recv_until("tool_call")
+    await client.send({"type": "tool_result", "results": [{"id": "q", "content": "12:00"}]})
+    frames = await client.recv_until("response_complete")
+    assert frames[-1]["stats"]["done_reason"] == "tool_calls"  # the first reply's end
+    frames = await client.recv_until(("response_complete", "error"))
+    assert tokens_of(frames) == ["Noon."], frames
+    await client.close()
