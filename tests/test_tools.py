@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -527,6 +530,7 @@ async def test_malformed_arguments_from_an_openai_compatible_engine(
 
 # -- tool_choice ---------------------------------------------------------------------------
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 FORCED = {"type": "function", "function": {"name": "get_time"}}
 
 
@@ -626,3 +630,27 @@ async def test_a_result_sent_as_soon_as_the_call_arrives_is_taken(
     frames = await client.recv_until(("response_complete", "error"))
     assert tokens_of(frames) == ["Noon."], frames
     await client.close()
+
+
+async def test_the_readme_example_answers_get_time(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    """The README's tool client, run as a user would run it, against the service."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    (example,) = [b for b in blocks if "GET_TIME =" in b]
+    code = example.replace("ws://localhost:8000/ws/llm", service.ws_url)
+    zone = {"zone": "Europe/Lisbon"}
+    fake_ollama.script(
+        Reply(["Let me see."], tool_calls=[ollama_call("get_time", zone)]),
+        Reply(["It is", " time."]),
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode() == "Let me see.It is time.\n"
+    assert fake_ollama.chats[0].body["tools"][0]["function"]["name"] == "get_time"
+    result = fake_ollama.chats[1].messages[-1]
+    assert result["role"] == "tool" and result["tool_name"] == "get_time"
+    assert re.fullmatch(r"\d\d:\d\d", result["content"]), result
