@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     num_workers: int = Field(1, ge=1, le=16)
     llamacpp_model_path: Path | None = None
     llamacpp_queue_size: int = Field(16, ge=0)
+    llamacpp_cache_bytes: int = Field(256 * 2**20, ge=0)  # sessions' prompt state; 0: off
 
     # Upstream timeouts, in seconds
     llm_connect_timeout_s: float = Field(5.0, gt=0)

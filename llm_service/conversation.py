@@ -62,6 +62,7 @@ from llm_service.timing import SlidingWindow
 # that opens the assistant's reply. Used with estimates and exact counts alike.
 MESSAGE_OVERHEAD = 4
 REPLY_PRIMER = 3
+TRIM_BLOCK = 4  # a full window drops turns until a 1/TRIM_BLOCK of it is free
 
 Status = Literal["complete", "interrupted", "incomplete", "streaming"]
 Chunking = Literal["none", "clause", "sentence"]
@@ -167,6 +168,7 @@ class TurnStats:
     done_reason: str | None = None
     engine_tokens_per_second: float | None = None
     time_to_first_chunk_ms: float | None = None  # with chunking: the first piece
+    prompt_tokens_cached: int | None = None  # of prompt_tokens, the engine's cache held
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +330,7 @@ class Turn:
             token_frames=frames,
             done_reason=end.done_reason,
             engine_tokens_per_second=end.engine_tokens_per_second,
+            prompt_tokens_cached=end.prompt_cached_tokens,
             time_to_first_chunk_ms=None if ttfc is None else ttfc * 1000,
         )
 
@@ -490,9 +493,14 @@ class Conversation:
         cap = self.limits.max_history_turns
         drop = min(droppable, max(0, droppable + 1 - cap)) if cap else 0
         total = fixed + sum(e.tokens for e in entries[boundary(drop) :])
-        while total > budget and drop < droppable:
-            total -= sum(e.tokens for e in entries[boundary(drop) : boundary(drop + 1)])
-            drop += 1
+        if total > budget:
+            # Full: free a block (a quarter of the window) at once, so the turns after this
+            # one extend the same prompt, which engines read from their cache, instead of
+            # shifting its start, and so everything after it, every turn.
+            goal = budget - self.context_window // TRIM_BLOCK
+            while total > goal and drop < droppable:
+                total -= sum(e.tokens for e in entries[boundary(drop) : boundary(drop + 1)])
+                drop += 1
         dropped = boundary(drop)
         kept = ([self.system] if self.system else []) + entries[dropped:]
         if user is not None:
@@ -539,6 +547,7 @@ class Conversation:
             label[outcome],
             tokens=stats.tokens_generated,
             prompt_tokens=turn.end.prompt_tokens if turn.end else None,
+            cached_tokens=turn.end.prompt_cached_tokens if turn.end else None,
             trimmed=stats.history_trimmed_turns if outcome == "complete" else 0,
             duration_s=stats.processing_time_ms / 1000,
             ttft_s=None

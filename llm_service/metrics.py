@@ -139,6 +139,11 @@ class Telemetry:
         self.turns = Counter(p + "turns_total", "Turns by outcome", ["outcome"], registry=r)
         self.tokens = Counter(p + "tokens_generated_total", "Tokens generated", registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens sent", registry=r)
+        self.prompt_tokens_cached = Counter(
+            p + "prompt_tokens_cached_total",
+            "Prompt tokens the engine reused from its cache instead of reading (where it says)",
+            registry=r,
+        )
         self.trimmed_turns = Counter(
             p + "history_trimmed_turns_total",
             "Old turns dropped to fit the context window",
@@ -255,6 +260,7 @@ class Telemetry:
         duration_s: float,
         ttft_s: float | None,
         ttfc_s: float | None = None,
+        cached_tokens: int | None = None,
     ) -> None:
         self.totals.total_turns += 1
         self.totals.total_tokens_generated += tokens
@@ -262,6 +268,8 @@ class Telemetry:
         self.tokens.inc(tokens)
         if prompt_tokens:
             self.prompt_tokens.inc(prompt_tokens)
+        if cached_tokens:
+            self.prompt_tokens_cached.inc(cached_tokens)
         if trimmed:
             self.trimmed_turns.inc(trimmed)
         self.turn_duration.observe(duration_s)

@@ -94,24 +94,35 @@ async def test_exact_tokenizer_counts_are_used() -> None:
     assert turn.user is not None and turn.user.tokens == 10 + MESSAGE_OVERHEAD
 
 
-async def test_oldest_whole_turns_are_dropped_to_fit() -> None:
+async def test_a_full_window_drops_a_block_of_whole_turns_and_keeps_the_prefix_after() -> None:
     backend = FakeBackend(tokens_per_char=1.0)
     conv = conversation(backend, window=600, max_tokens=100, system="sys")
-    for i in range(6):
+    # each turn is 2 x 50 tokens; the budget is 600 - 100 - 3 = 497 (the system prompt 7,
+    # the new message 50, old turns). Five turns fit: 7 + 50 + 400 = 457.
+    trimmed = []
+    for i in range(5):
         backend.script.append(Scripted(["r" * 46]))
-        await run(conv.start_turn(f"{i}" * 46))
-    # each turn is 2 x 50 tokens; budget 600 - 100 - 3 = 497 holds the system (7),
-    # the new message (50) and four old turns (400). Turns that no longer fit were dropped
-    # for good as each turn completed, so five are left and one more goes now.
-    assert len(conv.entries) == 10
-    turn = conv.start_turn("n" * 46)
-    assert turn.dropped == 2
-    assert [m.content[0] for m in turn.prompt] == ["s", "2", "r", "3", "r", "4", "r", "5", "r", "n"]
+        trimmed.append((await run(conv.start_turn(f"{i}" * 46)))[1].history_trimmed_turns)
+    assert trimmed == [0] * 5 and len(conv.entries) == 10
+    # The sixth would need 557: full. Turns go until a quarter of the window (150) is free
+    # too, 557 - 3 x 100 = 257 <= 347: three at once, not one now and one every turn after.
+    turn = conv.start_turn("5" * 46)
+    assert turn.dropped == 6
+    assert [m.content[0] for m in turn.prompt] == ["s", "3", "r", "4", "r", "5"]
     assert turn.prompt_tokens <= 497 + REPLY_PRIMER
-    backend.script.append(Scripted(["done"]))
+    backend.script.append(Scripted(["r" * 46]))
     _, stats = await run(turn)
-    assert stats.history_trimmed_turns == 1
-    assert history(conv)[1]["content"][0] == "2"
+    assert stats.history_trimmed_turns == 3
+    assert history(conv)[1]["content"][0] == "3"
+    # The next two turns fit as they are: each prompt starts as the one before it did.
+    for i in (6, 7):
+        before = [(m.role, m.content) for m in backend.calls[-1].messages]
+        backend.script.append(Scripted(["r" * 46]))
+        _, stats = await run(conv.start_turn(f"{i}" * 46))
+        now = [(m.role, m.content) for m in backend.calls[-1].messages]
+        assert stats.history_trimmed_turns == 0 and now[: len(before)] == before
+    _, stats = await run(conv.start_turn("8" * 46))  # full again: another block
+    assert stats.history_trimmed_turns == 3
 
 
 async def test_a_message_that_cannot_fit_is_refused_and_changes_nothing() -> None:

