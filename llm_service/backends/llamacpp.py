@@ -341,7 +341,7 @@ class LlamaCppBackend:
         written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
         if written:
             tokens = tuple(llm.input_ids[: llm.n_tokens].tolist())
-            cache.put(session, SavedPrompt(tokens, bytes(buffer)[:written]))
+            cache.put(session, SavedPrompt(tokens, ctypes.string_at(buffer, written)))
 
 
 def _restore(llm: Any, saved: SavedPrompt) -> bool:
@@ -351,9 +351,9 @@ def _restore(llm: Any, saved: SavedPrompt) -> bool:
 
     ctx = llm._ctx.ctx
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-    state = saved.state
-    buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-    if not llama_cpp.llama_state_seq_set_data(ctx, buffer, len(state), 0):
+    state = saved.state  # read in place, not copied
+    source = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+    if not llama_cpp.llama_state_seq_set_data(ctx, source, len(state), 0):
         llm.n_tokens = 0
         return False
     llm.input_ids[: len(saved.tokens)] = saved.tokens
