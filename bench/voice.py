@@ -31,18 +31,12 @@ when something failed to run; a missed goal is reported, not failed.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
 import sys
-import tempfile
 import time
-import traceback
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +46,7 @@ from websockets.asyncio.client import ClientConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import runner  # noqa: E402
 import scenarios as sc  # noqa: E402
 from fake_upstream import reply_text  # noqa: E402
 from processes import (  # noqa: E402
@@ -345,58 +340,9 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-async def run(plan: Plan, only: set[str], logs: Path) -> Report:
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    report = Report(machine())
-    steps: dict[str, Callable[[Plan, Path, Report], Awaitable[None]]] = {
-        "1": chunking_cost,
-        "2": first_piece,
-    }
-    for name, step in steps.items():
-        if name not in only:
-            continue
-        print(f"scenario {name}: {step.__name__} ...", flush=True)
-        report.scenario = name
-        started = time.monotonic()
-        try:
-            await step(plan, logs, report)
-        except Exception as exc:  # report it and go on with the other scenarios
-            traceback.print_exc()
-            report.failures.append(f"scenario {name}: {type(exc).__name__}: {exc}")
-        print(f"scenario {name}: took {time.monotonic() - started:.1f} s", flush=True)
-    report.machine["load_average_end"] = machine()["load_average"]
-    return report
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, for CI")
-    parser.add_argument("--only", default="1,2", help="scenarios to run, e.g. 2")
-    parser.add_argument("--logs", type=Path, help="keep the processes' logs in this folder")
-    args = parser.parse_args()
-    plan = QUICK if args.quick else Plan()
-    only = {x.strip() for x in args.only.split(",") if x.strip()}
-    try:
-        import uvloop
-    except ImportError:
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-    started = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        logs = args.logs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ft-")))
-        logs.mkdir(parents=True, exist_ok=True)
-        try:
-            report = runner(run(plan, only, logs))
-        except asyncio.CancelledError:
-            print("stopped by SIGTERM", file=sys.stderr)
-            sys.exit(143)
-    print()
-    print(render(report))
-    print(f"\nwall time {time.monotonic() - started:.0f} s")
-    sys.exit(1 if report.failures else 0)
+    steps = {"1": chunking_cost, "2": first_piece}
+    runner.main(__doc__, steps, (Plan(), QUICK), lambda: Report(machine()), render)
 
 
 if __name__ == "__main__":
