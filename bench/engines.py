@@ -41,7 +41,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
@@ -51,6 +50,7 @@ import runner  # noqa: E402
 import scenarios as sc  # noqa: E402
 from fake_upstream import reply_text  # noqa: E402
 from processes import Proc, log_problems, machine, start_fake, start_service_with  # noqa: E402
+from runner import Report, Row  # noqa: E402
 
 from tests.process import free_port  # noqa: E402
 
@@ -86,27 +86,6 @@ QUICK = Plan(
     stream_tokens=300, stream_rounds=3, turns=10, turn_blocks=1, pools=(2, 3), pool_sessions=40,
     streams=15, stream_window_s=0.5, paced_tokens=40, probers=6, kill_after_s=1.0, kill_then_s=1.0,
 )  # fmt: skip
-
-
-@dataclass
-class Row:
-    scenario: str
-    figure: str
-    measured: float | str | None
-    baseline: float | str | None
-    compare: str = ""
-    goal: str = ""
-    met: bool | None = None
-    digits: int = 1
-
-
-@dataclass
-class Report:
-    machine: dict[str, Any]
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    scenario: str = ""  # the one running, for the notes
-    failures: list[str] = field(default_factory=list)
 
 
 def median(values: list[float]) -> float:
@@ -411,34 +390,11 @@ def report_failover(run: Failover, report: Report) -> None:
 
 
 def render(report: Report) -> str:
-    m = report.machine
-    lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
-        f"{m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}; {m['date']}; "
-        f"load average {m['load_average']:.2f} at start, {m.get('load_average_end', 0):.2f} "
-        "at end; load generator, fakes and service on the same machine.",
-        "",
-        "| scenario | figure | measured | baseline | ratio / diff | goal | met |",
-        "|---|---|---:|---:|---:|---|---|",
-    ]
-
-    def num(value: float | str | None, digits: int) -> str:
-        if isinstance(value, str):
-            return value
-        if value is None or value != value:
-            return "-"
-        return f"{value:,.{digits}f}"
-
-    for row in report.rows:
-        met = "" if row.met is None else ("yes" if row.met else "**no**")
-        lines.append(
-            f"| {row.scenario} | {row.figure} | {num(row.measured, row.digits)} | "
-            f"{num(row.baseline, row.digits)} | {row.compare} | {row.goal} | {met} |"
-        )
-    lines += ["", "a: measured LLM_BACKEND=openai, baseline LLM_BACKEND=ollama, one fake."]
-    lines += [f"- {note}" for note in report.notes]
-    lines += [f"\nFAILED: {failure}" for failure in report.failures]
-    return "\n".join(lines)
+    return runner.render(
+        report,
+        "fakes and service",
+        "a: measured LLM_BACKEND=openai, baseline LLM_BACKEND=ollama, one fake.",
+    )
 
 
 def main() -> None:

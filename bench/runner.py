@@ -1,4 +1,5 @@
-"""What the scenario benchmarks share: running the scenarios asked for, and their command line.
+"""What the scenario benchmarks share: their report, running the scenarios asked for, and their
+command line.
 
 Each benchmark (`engines.py`, `sessions.py`, `voice.py`) names its scenarios, its plans (full
 and `--quick`), how to start a report and how to render it; `main` does the rest: `--quick`,
@@ -17,10 +18,67 @@ import tempfile
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from processes import machine
+
+
+@dataclass
+class Row:
+    """One figure of a report, beside its baseline, with its goal where it has one."""
+
+    scenario: str
+    figure: str
+    measured: float | str | None
+    baseline: float | str | None
+    compare: str = ""
+    goal: str = ""
+    met: bool | None = None
+    digits: int = 1
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    scenario: str = ""  # the one running, for the notes
+    failures: list[str] = field(default_factory=list)
+
+
+def render(report: Report, present: str, legend: str) -> str:
+    """The machine, the table of rows, `legend` (what measured and baseline are), the notes
+    and the failures; `present` names what ran on the machine besides the load generator."""
+    m = report.machine
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
+        f"{m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}; {m['date']}; "
+        f"load average {m['load_average']:.2f} at start, {m.get('load_average_end', 0):.2f} "
+        f"at end; load generator, {present} on the same machine.",
+        "",
+        "| scenario | figure | measured | baseline | ratio / diff | goal | met |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+
+    def num(value: float | str | None, digits: int) -> str:
+        if isinstance(value, str):
+            return value
+        if value is None or value != value:
+            return "-"
+        return f"{value:,.{digits}f}"
+
+    for row in report.rows:
+        met = "" if row.met is None else ("yes" if row.met else "**no**")
+        lines.append(
+            f"| {row.scenario} | {row.figure} | {num(row.measured, row.digits)} | "
+            f"{num(row.baseline, row.digits)} | {row.compare} | {row.goal} | {met} |"
+        )
+    lines += ["", legend]
+    lines += [f"- {note}" for note in report.notes]
+    lines += [f"\nFAILED: {failure}" for failure in report.failures]
+    return "\n".join(lines)
 
 
 class Reported(Protocol):

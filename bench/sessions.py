@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from processes import (  # noqa: E402
     start_redis,
     start_service_with,
 )
+from runner import Report, Row  # noqa: E402
 
 from llm_service.sessions.redis import PREFIX  # noqa: E402
 from tests.process import free_port  # noqa: E402
@@ -102,27 +103,6 @@ QUICK = Plan(
     resumes=8, stream_tokens=300, stream_rounds=3, turns=10, turn_blocks=1, detached=200,
     ttl_s=2.0, waves=2,
 )  # fmt: skip
-
-
-@dataclass
-class Row:
-    scenario: str
-    figure: str
-    measured: float | str | None
-    baseline: float | str | None
-    compare: str = ""
-    goal: str = ""
-    met: bool | None = None
-    digits: int = 1
-
-
-@dataclass
-class Report:
-    machine: dict[str, Any]
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    scenario: str = ""  # the one running, for the notes
-    failures: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -532,39 +512,15 @@ def report_detached(plan: Plan, before: int, waves: list[Wave], report: Report) 
 
 
 def render(report: Report) -> str:
-    m = report.machine
-    lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
-        f"{m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}; {m['date']}; "
-        f"load average {m['load_average']:.2f} at start, {m.get('load_average_end', 0):.2f} "
-        "at end; load generator, redis-server, fake and services on the same machine.",
-        "",
-        "| scenario | figure | measured | baseline | ratio / diff | goal | met |",
-        "|---|---|---:|---:|---:|---|---|",
-    ]
-
-    def num(value: float | str | None, digits: int) -> str:
-        if isinstance(value, str):
-            return value
-        if value is None or value != value:
-            return "-"
-        return f"{value:,.{digits}f}"
-
-    for row in report.rows:
-        met = "" if row.met is None else ("yes" if row.met else "**no**")
-        lines.append(
-            f"| {row.scenario} | {row.figure} | {num(row.measured, row.digits)} | "
-            f"{num(row.baseline, row.digits)} | {row.compare} | {row.goal} | {met} |"
-        )
-    lines += [
-        "",
-        "1: measured sessions that missed a long reply, baseline ones that missed a short "
-        "one. 2: measured LLM_SESSION_STORE=redis, baseline memory. 3: RSS as the kernel "
-        "counts it: what the service frees but its allocators keep for reuse still counts.",
-    ]
-    lines += [f"- {note}" for note in report.notes]
-    lines += [f"\nFAILED: {failure}" for failure in report.failures]
-    return "\n".join(lines)
+    return runner.render(
+        report,
+        "redis-server, fake and services",
+        (
+            "1: measured sessions that missed a long reply, baseline ones that missed a short "
+            "one. 2: measured LLM_SESSION_STORE=redis, baseline memory. 3: RSS as the kernel "
+            "counts it: what the service frees but its allocators keep for reuse still counts."
+        ),
+    )
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from processes import (  # noqa: E402
     start_fake,
     start_service_with,
 )
+from runner import Report, Row  # noqa: E402
 
 from llm_service.chunking import Chunker  # noqa: E402
 
@@ -78,27 +79,6 @@ class Plan:
 
 
 QUICK = Plan(stream_tokens=300, stream_rounds=3, questions=3, max_tokens=24)
-
-
-@dataclass
-class Row:
-    scenario: str
-    figure: str
-    measured: float | None
-    baseline: float | None
-    compare: str = ""
-    goal: str = ""
-    met: bool | None = None
-    digits: int = 1
-
-
-@dataclass
-class Report:
-    machine: dict[str, Any]
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    scenario: str = ""
-    failures: list[str] = field(default_factory=list)
 
 
 def median(values: list[float]) -> float:
@@ -312,32 +292,11 @@ async def first_piece(plan: Plan, logs: Path, report: Report) -> None:
 
 
 def render(report: Report) -> str:
-    m = report.machine
-    lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
-        f"{m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}; {m['date']}; "
-        f"load average {m['load_average']:.2f} at start, {m.get('load_average_end', 0):.2f} "
-        "at end; load generator, fake, engine and service on the same machine.",
-        "",
-        "| scenario | figure | measured | baseline | ratio / diff | goal | met |",
-        "|---|---|---:|---:|---:|---|---|",
-    ]
-
-    def num(value: float | None, digits: int) -> str:
-        if value is None or value != value:
-            return "-"
-        return f"{value:,.{digits}f}"
-
-    for row in report.rows:
-        met = "" if row.met is None else ("yes" if row.met else "**no**")
-        lines.append(
-            f"| {row.scenario} | {row.figure} | {num(row.measured, row.digits)} | "
-            f"{num(row.baseline, row.digits)} | {row.compare} | {row.goal} | {met} |"
-        )
-    lines += ["", "Measured: chunking clause; baseline: chunking none, unless the row says."]
-    lines += [f"- {note}" for note in report.notes]
-    lines += [f"\nFAILED: {failure}" for failure in report.failures]
-    return "\n".join(lines)
+    return runner.render(
+        report,
+        "fake, engine and service",
+        "Measured: chunking clause; baseline: chunking none, unless the row says.",
+    )
 
 
 def main() -> None:
