@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from tests.fakes.ollama import FakeOllama, Reply, fake_token_count, fake_tokens
-from tests.support import RunningService, make_settings, poll, running_service, tokens_of
+from tests.support import (
+    RunningService,
+    make_settings,
+    metric,
+    poll,
+    running_service,
+    tokens_of,
+)
 
 
 async def test_two_turn_conversation_reaches_upstream_in_order(
@@ -266,3 +273,25 @@ async def test_history_during_a_reply_shows_the_turn_so_far_as_streaming(
         "status": "interrupted",
     }
     await client.close()
+
+
+async def test_ollama_prompt_cache_count_reaches_stats_and_metrics(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    # Ollama 0.33+ sends prompt_eval_cached_count: of prompt_eval_count, the part it took
+    # from its prompt cache; what it read is the difference.
+    fake_ollama.script(
+        Reply(chunks=["Hi", "."], prompt_eval_count=40),
+        Reply(chunks=["Yes", "."], prompt_eval_count=52, prompt_eval_cached_count=44),
+    )
+    client = await service.connect()
+    await client.start()
+    first = (await client.turn("Hello"))[-1]["stats"]
+    assert first["prompt_tokens"] == 40
+    assert "prompt_tokens_cached" not in first  # an Ollama that does not say
+    second = (await client.turn("Again?"))[-1]["stats"]
+    assert second["prompt_tokens"] == 52
+    assert second["prompt_tokens_cached"] == 44
+    body = (await service.get("/metrics", monitoring=True)).text
+    assert metric(body, "llm_service_prompt_tokens_total") == 92
+    assert metric(body, "llm_service_prompt_tokens_cached_total") == 44

@@ -259,6 +259,7 @@ def _stream_end(data: dict[str, Any]) -> StreamEnd:
     return StreamEnd(
         completion_tokens=eval_count,
         prompt_tokens=data.get("prompt_eval_count"),
+        prompt_cached_tokens=data.get("prompt_eval_cached_count"),
         done_reason=data.get("done_reason"),
         engine_tokens_per_second=speed,
     )

@@ -39,6 +39,8 @@ class Reply:
     stall_after: int | None = None  # stop sending after this many chunks, until the client goes
     eval_count: int | None = None  # default: fake_token_count of the reply text
     prompt_eval_count: int | None = None  # default: fake_token_count(messages)
+    # Of prompt_eval_count, the tokens Ollama took from its prompt cache (0.33+ sends it).
+    prompt_eval_cached_count: int | None = None
     omit_counts: bool = False  # leave the counters out of the done line
     omit_done: bool = False  # end the stream cleanly but without the done line
     done_reason: str = "stop"
@@ -317,7 +319,7 @@ class FakeOllama:
         if eval_count is None:
             eval_count = fake_tokens("".join(reply.chunks))
         prompt = reply.prompt_eval_count
-        return {
+        counts = {
             "total_duration": 250_000_000,
             "load_duration": 10_000_000,
             "prompt_eval_count": fake_token_count(messages) if prompt is None else prompt,
@@ -325,6 +327,9 @@ class FakeOllama:
             "eval_count": eval_count,
             "eval_duration": 200_000_000,
         }
+        if reply.prompt_eval_cached_count is not None:
+            counts["prompt_eval_cached_count"] = reply.prompt_eval_cached_count
+        return counts
 
 
 async def _line(response: web.StreamResponse, data: dict[str, Any]) -> None:
