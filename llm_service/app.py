@@ -34,6 +34,7 @@ from llm_service.registry import SessionRegistry
 from llm_service.security import Access, AuthThrottle
 from llm_service.service import Service
 from llm_service.sessions import open_store
+from llm_service.tracing import open_tracing
 from llm_service.web import router as web_router
 from llm_service.ws import router as ws_router
 
@@ -47,6 +48,8 @@ async def build_service(
 ) -> Service:
     """Make every part of the service, each closed by `stack` in reverse."""
     telemetry = Telemetry()
+    tracing = open_tracing(settings.tracing())
+    stack.push_async_callback(tracing.aclose)  # last: the spans of the final turns go out
     choice = await backend_factory(settings)
     upstreams = [
         Upstream(
@@ -100,6 +103,7 @@ async def build_service(
             max_history_turns=settings.llm_max_history_turns,
         ),
         context_window=window if limit is None else min(window, limit),
+        tracing=tracing,
     )
 
 

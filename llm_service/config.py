@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from llm_service.errors import ConfigError
 from llm_service.redact import MASK, mask_url
 from llm_service.sampling import SamplingParams
+from llm_service.tracing import Exporting
 
 _SAMPLING = SamplingParams.model_fields
 # The sampler settings with a DEFAULT_* variable: DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ...
@@ -115,6 +116,14 @@ class Settings(BaseSettings):
     default_top_k: int = _SAMPLING["top_k"].default
     default_repeat_penalty: float = _SAMPLING["repeat_penalty"].default
 
+    # Tracing: OpenTelemetry's own variables; off unless an OTLP endpoint is set (tracing.py)
+    otel_exporter_otlp_endpoint: str | None = None  # the collector; traces go to .../v1/traces
+    otel_exporter_otlp_traces_endpoint: str | None = None  # the traces URL itself
+    otel_exporter_otlp_protocol: Literal["http/protobuf"] = "http/protobuf"
+    otel_exporter_otlp_traces_protocol: Literal["http/protobuf"] | None = None
+    otel_traces_exporter: Literal["otlp", "console", "none"] = "otlp"
+    otel_sdk_disabled: bool = False
+
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -138,6 +147,9 @@ class Settings(BaseSettings):
         "openai_api_key",
         "llamacpp_model_path",
         "default_temperature",
+        "otel_exporter_otlp_endpoint",
+        "otel_exporter_otlp_traces_endpoint",
+        "otel_exporter_otlp_traces_protocol",
         mode="before",
     )
     @classmethod
@@ -155,6 +167,18 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise ValueError(exc.errors()[0]["msg"]) from exc
         return value
+
+    @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
+    @classmethod
+    def _collector_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"{mask_url(value)!r}: must be an http:// or https:// URL (OTLP over HTTP)"
+            )
+        return value.strip()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -216,6 +240,18 @@ class Settings(BaseSettings):
             if values.get(name) is None:
                 values[name] = value
         return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+
+    def tracing(self) -> Exporting | None:
+        """Where the service's spans go, or None: tracing off."""
+        if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
+            return None
+        if self.otel_traces_exporter == "console":
+            return Exporting(None, console=True)
+        if self.otel_exporter_otlp_traces_endpoint:
+            return Exporting(self.otel_exporter_otlp_traces_endpoint)
+        if self.otel_exporter_otlp_endpoint:
+            return Exporting(self.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces")
+        return None
 
     def ollama_urls(self) -> tuple[str, ...]:
         """OLLAMA_BASE_URL's URLs: one engine, or the pool of several."""

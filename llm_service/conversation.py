@@ -53,10 +53,12 @@ from llm_service.errors import (
     MalformedToolCall,
     MessageTooLong,
     RateLimited,
+    ServiceError,
 )
 from llm_service.metrics import Telemetry
 from llm_service.sampling import SamplingParams
 from llm_service.timing import SlidingWindow
+from llm_service.tracing import OFF, Parent, Tracing, TurnTrace
 
 # What a chat template adds around each message (role markers, separators), and the header
 # that opens the assistant's reply. Used with estimates and exact counts alike.
@@ -213,6 +215,8 @@ class Turn:
         self.calls: tuple[ToolCall, ...] = ()  # the tools the model called
         self.dropped_turns = 0
         self.tool_choice: ToolChoice = conversation.config.tool_choice
+        self.trace: TurnTrace | None = None  # its spans, when tracing is on
+        self.error: ServiceError | None = None  # what ended it, when it failed
 
     async def stream(self) -> AsyncGenerator[str | TurnStats, None]:
         """Yield the reply's text chunks, then its `TurnStats`; update the history at the end."""
@@ -225,7 +229,9 @@ class Turn:
             conv.session_id,
             conv.config.tools,
             self.tool_choice,
+            self.trace,
         )
+        trace = self.trace
         try:
             async with aclosing(conv.backend.stream_chat(request)) as chunks:
                 if self._chunker is not None:
@@ -244,6 +250,8 @@ class Turn:
                                 inter_token.observe(now - last)
                             else:
                                 self.first_token_at = now
+                                if trace is not None:
+                                    trace.first_token()
                             last = now
                             yield item
                             parts.append(item)  # asked for more: the chunk was delivered
@@ -252,16 +260,40 @@ class Turn:
                         elif isinstance(item, ToolCalls):
                             self.calls = item.calls
             outcome = "complete"
-        except MalformedToolCall:
+        except MalformedToolCall as exc:
             conv.telemetry.tool_calls("malformed")
+            self.error = exc
             raise
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "interrupted"
             raise
+        except ServiceError as exc:
+            self.error = exc
+            raise
         finally:
             self.finished_at = time.perf_counter()
             conv._finish(self, outcome)
+            if trace is not None:
+                self._end_trace(trace, outcome)
         yield self.stats()
+
+    def _end_trace(self, trace: TurnTrace, outcome: Status) -> None:
+        stats = self.stats()
+        error = self.error
+        reason = stats.done_reason
+        trace.finish(
+            {"complete": "completed", "interrupted": "cancelled", "incomplete": "failed"}[outcome],
+            {
+                "gen_ai.usage.input_tokens": stats.prompt_tokens,
+                "gen_ai.usage.output_tokens": stats.tokens_generated,
+                "gen_ai.response.finish_reasons": [reason] if reason else None,
+                "llm_service.prompt_tokens_cached": stats.prompt_tokens_cached,
+                "llm_service.token_frames": stats.token_frames,
+                "llm_service.history_trimmed_turns": stats.history_trimmed_turns,
+                "llm_service.time_to_first_token_ms": stats.time_to_first_token_ms,
+            },
+            None if error is None else (error.code, error.message),
+        )
 
     async def _timed(self, chunks: AsyncGenerator[StreamItem, None]) -> AsyncGenerator[str, None]:
         """The engine's text chunks, timed as the hot path times them; its `StreamEnd` kept."""
@@ -274,6 +306,8 @@ class Turn:
                     inter_token.observe(now - last)
                 else:
                     self.first_token_at = now
+                    if self.trace is not None:
+                        self.trace.first_token()
                 last = now
                 yield item
             elif isinstance(item, StreamEnd):
@@ -351,6 +385,7 @@ class Conversation:
     tokens_generated: int = 0
     started_at: float = field(default_factory=time.monotonic)
     current: Turn | None = None  # the turn whose reply is streaming
+    tracing: Tracing = OFF
     _rate: SlidingWindow = field(init=False)
 
     def __post_init__(self) -> None:
@@ -381,7 +416,11 @@ class Conversation:
         return last.tool_calls if last is not None and last.role == "assistant" else ()
 
     def start_turn(
-        self, text: str, response_id: str | None = None, tool_choice: ToolChoice | None = None
+        self,
+        text: str,
+        response_id: str | None = None,
+        tool_choice: ToolChoice | None = None,
+        parent: Parent | None = None,
     ) -> Turn:
         """Admit `text` and plan its turn: the prompt that fits the window, oldest turns
         dropped. Only a turn that is started counts against the rate limit."""
@@ -402,13 +441,14 @@ class Conversation:
             raise
         if pending:
             self.telemetry.tool_calls("cancelled", len(pending))
-        return self._started(turn, tool_choice)
+        return self._started(turn, tool_choice, parent)
 
     def answer_tools(
         self,
         results: Sequence[tuple[str, str]],
         response_id: str | None,
         tool_choice: ToolChoice | None = None,
+        parent: Parent | None = None,
     ) -> Turn:
         """`tool_result`: the results of every pending call join the history, and the model's
         follow-up reply is planned as a turn of its own. Results that do not answer exactly
@@ -433,7 +473,7 @@ class Conversation:
             del self.entries[len(self.entries) - len(pending) :]
             raise
         self.telemetry.tool_calls("answered", len(pending))
-        return self._started(turn, tool_choice)
+        return self._started(turn, tool_choice, parent)
 
     def _admit(self) -> None:
         wait = self._rate.wait()
@@ -456,9 +496,13 @@ class Conversation:
         if choice is not None and (wrong := self.config.wrong_choice(choice)) is not None:
             raise InvalidMessage(f"tool_choice: {wrong}")
 
-    def _started(self, turn: Turn, tool_choice: ToolChoice | None) -> Turn:
+    def _started(self, turn: Turn, tool_choice: ToolChoice | None, parent: Parent | None) -> Turn:
         if tool_choice is not None:
             turn.tool_choice = tool_choice
+        backend = self.backend
+        turn.trace = self.tracing.turn(
+            self.session_id, turn.response_id, backend.model, backend.name, parent
+        )
         self._rate.record()
         self.current = turn
         return turn

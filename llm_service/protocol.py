@@ -47,6 +47,7 @@ from llm_service.errors import (
     ServiceError,
 )
 from llm_service.sampling import SamplingParams, describe
+from llm_service.tracing import TRACEPARENT, Parent
 
 MAX_SYSTEM_PROMPT_CHARS = 200_000
 MAX_TOOLS = 64
@@ -148,6 +149,7 @@ class UserMessage:
     response_id: str | None = None  # the client's name for the reply; None: one is made
     interrupt: bool = False  # cancel the reply streaming, if any, and start this one
     tool_choice: ToolChoice | None = None  # for this reply; None: the session's
+    trace: Parent | None = None  # the client's trace this turn continues
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,7 @@ class ToolResult:
     results: tuple[tuple[str, str], ...]  # (the call's id, its result as text), in order
     response_id: str | None = None  # the follow-up reply's; None: one is made
     tool_choice: ToolChoice | None = None  # for the follow-up; None: the session's
+    trace: Parent | None = None  # the client's trace the follow-up continues
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +199,7 @@ _SIMPLE: dict[str, ClientFrame] = {
 }
 KNOWN_TYPES = ("start_session", "user_message", "tool_result", "truncate", "resume", *_SIMPLE)
 _MAX_ID = 128
+_MAX_TRACESTATE = 512  # what W3C trace-context asks every hop to pass on, at least
 _SAMPLING = SamplingParams.names()
 
 
@@ -221,7 +225,7 @@ def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
         if len(data) == 2:
             return UserMessage(body)  # the common frame: type and text alone
         response_id = None if data.get("response_id") is None else _response_id(data)
-        return UserMessage(body, response_id, _interrupt(data), _tool_choice(data))
+        return UserMessage(body, response_id, _interrupt(data), _tool_choice(data), _trace(data))
     if kind == "tool_result":
         return _parse_tool_result(data)
     if kind == "truncate":
@@ -284,7 +288,25 @@ def _parse_tool_result(data: dict[str, Any]) -> ToolResult:
         text = content if isinstance(content, str) else orjson.dumps(content).decode()
         parsed.append((call_id, text))
     response_id = None if data.get("response_id") is None else _response_id(data)
-    return ToolResult(tuple(parsed), response_id, _tool_choice(data))
+    return ToolResult(tuple(parsed), response_id, _tool_choice(data), _trace(data))
+
+
+def _trace(data: dict[str, Any]) -> Parent | None:
+    """`trace`: a W3C `traceparent`, or an object with `traceparent` and `tracestate`."""
+    value: Any = data.get("trace")
+    if value is None:
+        return None
+    state: Any = None
+    if isinstance(value, dict):
+        value, state = value.get("traceparent"), value.get("tracestate")
+    good_state = state is None or (isinstance(state, str) and len(state) <= _MAX_TRACESTATE)
+    if isinstance(value, str) and TRACEPARENT.match(value.strip().lower()) and good_state:
+        return Parent(value.strip().lower(), state or None)
+    raise InvalidMessage(
+        f"{data['type']} 'trace' must be a W3C traceparent (\"00-<32 hex>-<16 hex>-<2 hex>\", "
+        f"not all zeros) or an object with it as 'traceparent' and an optional string "
+        f"'tracestate' (at most {_MAX_TRACESTATE} characters)"
+    )
 
 
 def _tool_choice(data: dict[str, Any]) -> ToolChoice | None:

@@ -288,6 +288,7 @@ class SessionRegistry:
             context_window=service.context_window,
             telemetry=service.telemetry,
             limits=service.turn_limits,
+            tracing=service.tracing,
         )
         token = new_resume_token()
         session = Session(self, conversation, token_hash(token), FrameLog(self.buffer_frames))
@@ -370,6 +371,7 @@ class SessionRegistry:
             context_window=service.context_window,
             telemetry=service.telemetry,
             limits=service.turn_limits,
+            tracing=service.tracing,
         )
         _restore_history(conversation, record)
         # numbering goes on after whatever the client saw last

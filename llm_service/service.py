@@ -16,6 +16,7 @@ from llm_service.conversation import SessionConfig, TurnLimits
 from llm_service.health import EngineHealth
 from llm_service.metrics import Telemetry
 from llm_service.security import Access
+from llm_service.tracing import OFF, Tracing
 
 
 @dataclass(frozen=True)
@@ -31,4 +32,5 @@ class Service:
     default_config: SessionConfig  # a new session's, from the DEFAULT_* settings
     turn_limits: TurnLimits
     context_window: int  # DEFAULT_CONTEXT_WINDOW, capped by what the engine holds
+    tracing: Tracing = OFF  # the turns' spans (OTEL_EXPORTER_OTLP_ENDPOINT)
     started_at: float = field(default_factory=time.monotonic)

@@ -53,6 +53,7 @@ from llm_service.registry import SessionRegistry, resume_gap
 from llm_service.security import chosen_subprotocol
 from llm_service.service import Service
 from llm_service.timing import Deadline
+from llm_service.tracing import Parent
 
 log = structlog.get_logger("llm_service.ws")
 router = APIRouter()
@@ -139,6 +140,8 @@ class Connection:
         self._draining: ServiceShuttingDown | None = None
         self._receiver: asyncio.Task[str] | None = None
         self._idle = Deadline(asyncio.get_running_loop(), self._idled)
+        # the handshake's trace: every turn on this socket continues it, unless it names its own
+        self._trace = Parent.from_headers(websocket.headers) if service.tracing.enabled else None
 
     async def run(self) -> None:
         self.telemetry.session_started()
@@ -213,7 +216,11 @@ class Connection:
                 self._refuse_if_busy()
                 response_id = frame.response_id or new_response_id()
                 try:
-                    reply.start(conv.answer_tools(results, response_id, frame.tool_choice))
+                    reply.start(
+                        conv.answer_tools(
+                            results, response_id, frame.tool_choice, frame.trace or self._trace
+                        )
+                    )
                 except ServiceError as exc:
                     exc.response_id = response_id
                     raise
@@ -267,7 +274,9 @@ class Connection:
             if frame.interrupt and session.generating:
                 await self.registry.interrupt(session)
             self._refuse_if_busy()
-            turn = session.conversation.start_turn(frame.text, response_id, frame.tool_choice)
+            turn = session.conversation.start_turn(
+                frame.text, response_id, frame.tool_choice, frame.trace or self._trace
+            )
             session.reply.start(turn)
         except ServiceError as exc:
             exc.response_id = response_id  # the refusal names the reply it refused

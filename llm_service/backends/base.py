@@ -21,6 +21,7 @@ import orjson
 
 from llm_service.errors import MalformedToolCall
 from llm_service.sampling import SamplingParams
+from llm_service.tracing import TurnTrace
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -84,6 +85,11 @@ class ChatRequest:
     affinity: str = ""  # the session's id: a pool keeps a session on one engine
     tools: Sequence[Mapping[str, Any]] = ()  # the functions the model may call
     tool_choice: str | Mapping[str, Any] = "auto"  # OpenAI's shape: auto, none, required, one
+    trace: TurnTrace | None = None  # the turn's spans, when tracing is on
+
+    def trace_headers(self, upstream: str) -> dict[str, str]:
+        """The request to `upstream` starts now: the headers that carry the trace (if any)."""
+        return {} if self.trace is None else self.trace.upstream(upstream)
 
 
 @dataclass(frozen=True, slots=True)

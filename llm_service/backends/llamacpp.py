@@ -235,6 +235,7 @@ class LlamaCppBackend:
             raise UpstreamTimeout(
                 f"no engine worker free within {self._first_token_timeout:g} s"
             ) from exc
+        request.trace_headers(self.label)  # a worker has it: the queue ends, the request starts
         handoff = _Handoff(loop)
         job = loop.run_in_executor(self._executor, self._generate, llm, request, handoff)
         job.add_done_callback(lambda _: self._workers.release(llm))

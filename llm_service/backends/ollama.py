@@ -127,7 +127,7 @@ class OllamaBackend:
             "POST",
             "/api/chat",
             content=orjson.dumps(self.request_body(request)),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **request.trace_headers(self.label)},
         )
         response = await open_stream(self._client, chat, self.where, self._timeouts)
         lines = UnitReader(response.aiter_lines(), self.where, self._timeouts)

@@ -146,7 +146,11 @@ class OpenAIBackend:
             "POST",
             "chat/completions",
             content=orjson.dumps(self.request_body(request)),
-            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "text/event-stream",
+                **request.trace_headers(self.label),
+            },
         )
         response = await open_stream(self._client, chat, self.where, self._timeouts)
         events = None
