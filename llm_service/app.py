@@ -174,6 +174,14 @@ def create_app(settings: Settings, backend_factory: BackendFactory = open_backen
         code, body = await health_report(_service(request), request.app.state.sessions)
         return JSONResponse(body, status_code=code)
 
+    @app.get("/livez")
+    async def livez() -> dict[str, str]:
+        return LIVE
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        return await readiness(_service(request), request.app.state.hub)
+
     @app.get("/stats")
     async def stats(request: Request) -> Response:
         service = _service(request)
@@ -220,7 +228,41 @@ def create_monitoring_app(main_app: FastAPI) -> FastAPI:
         _, body = await health_report(service(), getattr(main_app.state, "sessions", None))
         return body
 
+    @app.get("/livez")
+    async def livez() -> dict[str, str]:
+        return LIVE
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        return await readiness(service(), main_app.state.hub)
+
     return app
+
+
+LIVE = {"status": "alive"}
+
+
+async def readiness(service: Service, hub: Hub) -> Response:
+    """`/readyz`: 200 while a new session here would be served, else 503 with the reasons.
+
+    Not ready while the service drains, while the engine does not answer or lacks the model,
+    and while every upstream's circuit is open. A failing session store is not a reason: the
+    sessions go on from memory (`/health` says so). `/livez` is 200 whenever the process
+    answers at all: restarting the service helps none of the reasons here.
+    """
+    reasons = []
+    if hub.draining:
+        reasons.append("draining: the service is shutting down")
+    engine = await service.health.current()
+    if not engine.reachable:
+        reasons.append(f"engine unreachable: {engine.detail}")
+    elif engine.model_available is False:
+        reasons.append(f"model {service.backend.model!r} is not on the engine")
+    if service.backend.all_open():
+        reasons.append("every upstream's circuit breaker is open")
+    if reasons:
+        return JSONResponse({"status": "not_ready", "reasons": reasons}, status_code=503)
+    return JSONResponse({"status": "ready"})
 
 
 async def health_report(
