@@ -116,6 +116,13 @@ def start_fake(logs: Path) -> Proc:
     return _start("fake", args, dict(os.environ), port, "/api/version", logs)
 
 
+def start_otlp_sink(logs: Path) -> Proc:
+    """An OTLP/HTTP traces endpoint that counts the spans it is sent (`otlp_sink.py`)."""
+    port = free_port()
+    args = [sys.executable, str(BENCH / "otlp_sink.py"), "--port", str(port)]
+    return _start("otlp-sink", args, dict(os.environ), port, "/spans", logs)
+
+
 def start_service(upstream: str, logs: Path, max_connections: int = 5000) -> Proc:
     """`python main.py websocket` on Ollama at `upstream`, as an operator would run it."""
     return _start_service(
