@@ -48,6 +48,7 @@ async def build_service(
 ) -> Service:
     """Make every part of the service, each closed by `stack` in reverse."""
     telemetry = Telemetry()
+    telemetry.connections_max.set(settings.llm_max_connections)
     tracing = open_tracing(settings.tracing())
     stack.push_async_callback(tracing.aclose)  # last: the spans of the final turns go out
     choice = await backend_factory(settings)

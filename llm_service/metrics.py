@@ -120,6 +120,11 @@ class Telemetry:
         self.connections_total = Counter(
             p + "connections_total", "WebSocket connections accepted", registry=r
         )
+        self.connections_max = Gauge(
+            p + "connections_max",
+            "The most WebSocket connections served at once (LLM_MAX_CONNECTIONS)",
+            registry=r,
+        )
         self.connections_rejected = Counter(
             p + "connections_rejected_total",
             "WebSocket connections refused",

@@ -90,6 +90,7 @@ async def test_health_stats_and_metrics_report_what_happened(
 
     text = (await service.get("/metrics", monitoring=True)).text
     assert metric(text, "llm_service_connections_active") == 1
+    assert metric(text, "llm_service_connections_max") == 50  # LLM_MAX_CONNECTIONS
     assert metric(text, "llm_service_connections_total") == 1
     assert metric(text, "llm_service_sessions_active") == 1
     assert metric(text, "llm_service_turns_total", 'outcome="completed"') == 2
