@@ -30,7 +30,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from processes import start_embedded_service  # noqa: E402
 
-from llm_service.backends.llamacpp import packaged_model_path  # noqa: E402
+from llm_service.backends.llamacpp import (  # noqa: E402
+    extra_buffers_default,
+    model_loading,
+    packaged_model_path,
+)
 
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
 SAMPLING = {"temperature": 0.0, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
@@ -110,7 +114,8 @@ def main() -> None:
 
     threads = args.threads
     model = packaged_model_path()
-    llm = Llama(model_path=str(model), n_ctx=8192, n_threads=threads, verbose=False)
+    with model_loading(extra_buffers_default()):  # as the service loads it
+        llm = Llama(model_path=str(model), n_ctx=8192, n_threads=threads, verbose=False)
 
     def count(text: str) -> int:
         return len(llm.tokenize(text.encode(), add_bos=False, special=False))

@@ -30,7 +30,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from processes import machine  # noqa: E402
 
-from llm_service.backends.llamacpp import packaged_model_path  # noqa: E402
+from llm_service.backends.llamacpp import (  # noqa: E402
+    extra_buffers_default,
+    model_loading,
+    packaged_model_path,
+)
 
 QUESTIONS = ROOT / "bench" / "voice_questions.json"
 SYSTEM = "You are a helpful assistant. Keep answers short."
@@ -182,7 +186,8 @@ def main() -> None:
 
     questions: list[dict[str, Any]] = json.loads(QUESTIONS.read_text())["questions"]
     model = packaged_model_path()
-    llm = Llama(model_path=str(model), n_ctx=2048, n_threads=2, verbose=False)
+    with model_loading(extra_buffers_default()):  # as the service loads it
+        llm = Llama(model_path=str(model), n_ctx=2048, n_threads=2, verbose=False)
     started = time.perf_counter()
     results: list[Result] = []
     answers: list[dict[str, Any]] = []

@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     llamacpp_model_path: Path | None = None
     llamacpp_queue_size: int = Field(16, ge=0)
     llamacpp_cache_bytes: int = Field(256 * 2**20, ge=0)  # sessions' prompt state; 0: off
+    llamacpp_extra_buffers: Literal["auto", "on", "off"] = "auto"  # auto: off on AMX CPUs
 
     # Upstream timeouts, in seconds
     llm_connect_timeout_s: float = Field(5.0, gt=0)

@@ -197,3 +197,27 @@ async def test_auto_uses_ollama_when_it_answers(fake_ollama: FakeOllama) -> None
         assert frames[-1]["type"] == "response_complete"
         assert len(fake_ollama.chats) == 1
         await client.close()
+
+
+def test_model_loading_sets_the_extra_buffers_only_while_models_load() -> None:
+    from llama_cpp import llama_cpp as lib
+
+    from llm_service.backends.llamacpp import model_loading
+
+    before = lib.llama_model_default_params().use_extra_bufts
+    for wanted in (False, True):
+        with model_loading(wanted):
+            assert lib.llama_model_default_params().use_extra_bufts is wanted
+        assert lib.llama_model_default_params().use_extra_bufts is before
+
+
+async def test_the_embedded_engine_answers_with_extra_buffers_off() -> None:
+    # what LLAMACPP_EXTRA_BUFFERS=auto chooses on a CPU that reports AMX
+    async with running_service(embedded(llamacpp_extra_buffers="off")) as service:
+        client = await service.connect()
+        await client.start()
+        await configure(client, max_tokens=24)
+        answer, _ = await reply(client, "What is the capital of France? Answer in one sentence.")
+        assert "Paris" in answer
+        assert (await service.get("/health")).json()["status"] == "healthy"
+        await client.close()

@@ -275,14 +275,14 @@ async def test_refused_connections_are_upstream_unavailable(fake: FakeOpenAI) ->
 
 @contextlib.asynccontextmanager
 async def llama_cpp_server(tmp_path: Path, *extra: str) -> AsyncIterator[str]:
-    """`python -m llama_cpp.server` on a free port, serving the packaged SmolLM2 as
-    `smollm2` (with `extra` arguments); yields its base URL (`.../v1`)."""
+    """llama-cpp-python's server (`python -m llama_cpp.server`) on a free port, serving the
+    packaged SmolLM2 as `smollm2` (with `extra` arguments); yields its base URL (`.../v1`)."""
     port = free_port()
     log = (tmp_path / f"llama-server-{port}.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        "tests.llama_server",  # llama_cpp.server, loading the model as the embedded engine does
         "--model",
         str(packaged_model_path()),
         "--model_alias",

@@ -122,6 +122,7 @@ async def load_llamacpp(settings: Settings) -> BackendChoice:
         queue_size=settings.llamacpp_queue_size,
         first_token_timeout=settings.llm_first_token_timeout_s,
         cache_bytes=settings.llamacpp_cache_bytes,
+        extra_buffers={"on": True, "off": False}.get(settings.llamacpp_extra_buffers),
     )
     log.info(
         "embedded_engine_loaded",
@@ -131,6 +132,7 @@ async def load_llamacpp(settings: Settings) -> BackendChoice:
         gpu_layers=gpu_layers,
         context=backend.context_limit,
         trained_context=backend.trained_context,
+        extra_buffers=backend.extra_buffers,
     )
     return BackendChoice((backend,), "", device)
 

@@ -18,12 +18,13 @@ turn, the state is saved again, once the reply's last frame is on its way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import importlib.metadata
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,54 @@ def packaged_model_path() -> Path:
         if file.name.endswith(".gguf"):
             return Path(str(dist.locate_file(file)))
     raise ModelFileError(f"the package {PACKAGED_MODEL_DIST} holds no .gguf file")
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU reports Intel AMX (Linux lists it in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and " amx_int8" in line for line in info)
+    except OSError:
+        return False
+
+
+def extra_buffers_default() -> bool:
+    """LLAMACPP_EXTRA_BUFFERS=auto: on, except where the CPU reports AMX.
+
+    ggml gives a model's weights "extra" CPU buffer types where the CPU has the instructions
+    for them: repacked layouts (AVX2, AVX-512, NEON) and, with AMX, tiles for its matrix
+    multiply. That multiply crashes the process (SIGSEGV in ggml_backend_amx_mul_mat, at the
+    first decode of the packaged SmolLM2) on Xeon virtual machines that report AMX, so where
+    AMX is reported the weights stay in plain buffers; LLAMACPP_EXTRA_BUFFERS=on asks for
+    them anyway (a host where AMX works), =off never."""
+    return not cpu_has_amx()
+
+
+_LOADING = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_loading(extra_buffers: bool) -> Iterator[None]:
+    """While in it, llama-cpp-python loads models with ggml's extra buffer types on or off.
+
+    `Llama` takes no such argument: it fills llama.cpp's model parameters from
+    `llama_model_default_params()`, so that function answers with `use_extra_bufts` set as
+    asked while the models load (one load at a time)."""
+    import llama_cpp.llama_cpp as lib
+
+    with _LOADING:
+        defaults = lib.llama_model_default_params
+
+        def params() -> Any:
+            chosen = defaults()
+            chosen.use_extra_bufts = extra_buffers
+            return chosen
+
+        lib.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +222,7 @@ class LlamaCppBackend:
         queue_size: int = 16,
         first_token_timeout: float = 120.0,
         cache_bytes: int = 0,
+        extra_buffers: bool | None = None,
     ) -> None:
         import llama_cpp
         from llama_cpp import Llama, _internals
@@ -191,16 +241,20 @@ class LlamaCppBackend:
         self.trained_context = _trained_context(self._vocab.metadata())
         self.context_limit: int | None = min(context_window, self.trained_context)
         self._formatter = _chat_formatter(self._vocab)
-        self._models = [
-            Llama(
-                model_path=str(model_path),
-                n_ctx=self.context_limit,
-                n_threads=threads,
-                n_gpu_layers=gpu_layers,
-                verbose=False,
-            )
-            for _ in range(workers)
-        ]
+        if extra_buffers is None:
+            extra_buffers = extra_buffers_default()
+        self.extra_buffers = extra_buffers
+        with model_loading(extra_buffers):
+            self._models = [
+                Llama(
+                    model_path=str(model_path),
+                    n_ctx=self.context_limit,
+                    n_threads=threads,
+                    n_gpu_layers=gpu_layers,
+                    verbose=False,
+                )
+                for _ in range(workers)
+            ]
         self._workers = _Workers(self._models, queue_size)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llamacpp")
         self._first_token_timeout = first_token_timeout
