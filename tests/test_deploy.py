@@ -692,8 +692,13 @@ def test_scale_compose_images_are_pinned() -> None:
 
 
 def test_scale_compose_publishes_only_the_balancer_on_loopback() -> None:
+    # of the services `up` starts; the monitoring profile's are checked with the other files'
     services = scale_compose()["services"]
-    published = {name: spec["ports"] for name, spec in services.items() if "ports" in spec}
+    published = {
+        name: spec["ports"]
+        for name, spec in services.items()
+        if "ports" in spec and not spec.get("profiles")
+    }
     assert published == {"nginx": ["127.0.0.1:8002:8000"]}
 
 
@@ -934,3 +939,140 @@ def test_scale_compose_resolves_as_intended(tmp_path: Path, dotenv: str | None) 
         assert services[name]["healthcheck"]["test"][0] == "CMD"
     assert services["redis"]["command"] == ["redis-server", "--appendonly", "yes"]
     assert {v["target"] for v in services["redis"]["volumes"]} == {"/data"}
+
+
+# --- the monitoring profile: Prometheus and Grafana in every compose file ---
+
+ALL_COMPOSE_FILES = sorted(p.name for p in REPO.glob("docker-compose.*.yml"))
+MONITORING_SERVICES = {"prometheus", "grafana"}
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+GRAFANA_DIR = REPO / "deploy" / "grafana"
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """target -> (source, read-only) for a service's long-syntax bind mounts."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict) and volume.get("type") == "bind":
+            assert volume["bind"]["create_host_path"] is False, volume  # missing: fail at `up`
+            mounts[volume["target"]] = (volume["source"], volume.get("read_only", False))
+    return mounts
+
+
+def named_volumes(service: dict[str, Any]) -> dict[str, str]:
+    """target -> volume name for a service's short-syntax named volumes."""
+    pairs = [v.split(":")[:2] for v in service.get("volumes", []) if isinstance(v, str)]
+    return {target: name for name, target in pairs if not name.startswith((".", "/"))}
+
+
+def flag(command: list[str], name: str) -> str:
+    [value] = [word.split("=", 1)[1] for word in command if word.startswith(f"--{name}=")]
+    return value
+
+
+@pytest.fixture(params=ALL_COMPOSE_FILES)
+def any_compose_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_every_compose_file_has_the_monitoring_profile(any_compose_name: str) -> None:
+    compose = load_compose(any_compose_name)
+    services = compose["services"]
+    # `up` without the profile starts what it started before
+    profiled = {name for name, spec in services.items() if spec.get("profiles")}
+    assert profiled == MONITORING_SERVICES
+    for name in MONITORING_SERVICES:
+        spec = services[name]
+        assert spec["profiles"] == ["monitoring"]
+        # the compose network, where llm-service's port 9092 is reached by name
+        assert spec["networks"] == services["llm-service"]["networks"], name
+        assert spec["ports"] and all(
+            isinstance(port, str) and port.startswith("127.0.0.1:") for port in spec["ports"]
+        ), f"{name}: published beyond loopback"
+        for target, volume in named_volumes(spec).items():
+            assert volume in compose["volumes"], f"{name}: {volume} for {target} is not declared"
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", services["prometheus"]["image"])
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", services["grafana"]["image"])
+
+
+def test_prometheus_mounts_its_config_and_scrapes_the_monitoring_port(
+    any_compose_name: str,
+) -> None:
+    services = load_compose(any_compose_name)["services"]
+    prometheus = services["prometheus"]
+    mounts = bind_mounts(prometheus)
+    assert mounts["/etc/prometheus"] == ("./deploy/prometheus", True)
+    config_file = flag(prometheus["command"], "config.file")
+    assert config_file.startswith("/etc/prometheus/")
+    config_path = PROMETHEUS_DIR / config_file.removeprefix("/etc/prometheus/")
+    config = yaml.safe_load(config_path.read_text())
+    for rules in config["rule_files"]:
+        assert (config_path.parent / rules).is_file(), rules
+    assert named_volumes(prometheus).get(flag(prometheus["command"], "storage.tsdb.path"))
+    [job] = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    [lookup] = job["dns_sd_configs"]
+    # every container of the service, replicas included, on the port its /metrics is on, and
+    # listening there on the compose network rather than its own loopback
+    env = environment(services["llm-service"])
+    assert lookup["names"] == ["llm-service"] and lookup["type"] == "A"
+    assert str(lookup["port"]) == env["LLM_MONITORING_PORT"] == "9092"
+    assert env["LLM_HOST"] == "0.0.0.0"
+
+
+def test_grafana_is_provisioned_with_the_data_source_and_the_dashboard(
+    any_compose_name: str,
+) -> None:
+    services = load_compose(any_compose_name)["services"]
+    grafana = services["grafana"]
+    mounts = bind_mounts(grafana)
+    assert mounts["/etc/grafana/provisioning"] == ("./deploy/grafana/provisioning", True)
+    assert mounts["/etc/grafana/dashboards"] == ("./deploy/grafana/dashboards", True)
+    assert named_volumes(grafana).get("/var/lib/grafana")
+    env = environment(grafana)
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-admin}"
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    dashboards = GRAFANA_DIR / "dashboards"
+    assert (dashboards / Path(home).relative_to("/etc/grafana/dashboards")).is_file()
+    provisioning = GRAFANA_DIR / "provisioning"
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "fasttalk.yml").read_text())[
+        "providers"
+    ]
+    assert provider["type"] == "file" and provider["options"]["path"] == "/etc/grafana/dashboards"
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    # Prometheus by its service name and container port
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    assert any(port.endswith(":9090") for port in services["prometheus"]["ports"])
+    dashboard = json.loads((dashboards / "fasttalk.json").read_text())
+    uids = {
+        target["datasource"]["uid"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    }
+    assert uids == {source["uid"]}
+
+
+def test_monitoring_profile_resolves_through_the_parser(
+    tmp_path: Path, any_compose_name: str
+) -> None:
+    shutil.copy(REPO / any_compose_name, tmp_path / any_compose_name)
+    shutil.copytree(REPO / "deploy", tmp_path / "deploy")
+    base = ["-f", any_compose_name]
+    done = run_compose(tmp_path, *base, "--profile", "monitoring", "config", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    assert set(services) >= MONITORING_SERVICES
+    for name in MONITORING_SERVICES:
+        for port in services[name]["ports"]:
+            assert port["host_ip"] == "127.0.0.1", (name, port)
+        for mount in services[name]["volumes"]:
+            if mount["type"] == "bind":
+                source = Path(mount["source"])
+                assert source.is_relative_to(tmp_path / "deploy") and source.is_dir(), mount
+    plain = run_compose(tmp_path, *base, "config", "--services")
+    assert plain.returncode == 0, plain.stderr
+    assert not MONITORING_SERVICES & set(plain.stdout.split())
