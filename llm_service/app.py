@@ -78,6 +78,7 @@ async def build_service(
         session_idle_s=settings.llm_session_ttl_s,
     )
     stack.push_async_callback(pool.aclose)
+    telemetry.upstreams_known(u.label for u in upstreams)
     health = EngineHealth(pool, settings.health_cache_ttl_s, telemetry)
     stack.push_async_callback(health.aclose)
     await _warn_unless_ready(health, settings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -21,9 +21,35 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from llm_service.errors import ServiceError
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 5.0)
 _TURN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+TURN_OUTCOMES = ("completed", "cancelled", "failed")
+TOOL_CALL_OUTCOMES = ("called", "answered", "cancelled", "malformed")
+# why a connection was refused: an error code, or the edge's own reasons
+REJECTIONS = (
+    "origin",
+    "unauthorized",
+    "max_connections",
+    "max_connections_per_client",
+    "service_shutting_down",
+    "send_timeout",
+    "pending_evicted",
+    "head_timeout",
+)
+
+
+def _codes(cls: type[ServiceError]) -> set[str]:
+    found = {cls.code}
+    for sub in cls.__subclasses__():
+        found |= _codes(sub)
+    return found
+
+
+ERROR_CODES = tuple(sorted(_codes(ServiceError)))
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -208,6 +234,24 @@ class Telemetry:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+        # Every label value known in advance is there from the start, at 0, so that rate()
+        # sees the first event of each: a counter series appears only with its first count.
+        for outcome in TURN_OUTCOMES:
+            self.turns.labels(outcome)
+        for outcome in TOOL_CALL_OUTCOMES:
+            self.tool_call_outcomes.labels(outcome)
+        for code in ERROR_CODES:
+            self.errors.labels(code)
+        for reason in REJECTIONS:
+            self.connections_rejected.labels(reason)
+
+    def upstreams_known(self, labels: Iterable[str]) -> None:
+        """Start the per-upstream counters of these upstreams at 0."""
+        for label in labels:
+            self.upstream_retries.labels(label)
+            for outcome in ("success", "cancelled"):
+                self.upstream_requests.labels(outcome, label)
 
     def connection_opened(self) -> None:
         self.totals.active_connections += 1

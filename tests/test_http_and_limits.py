@@ -107,7 +107,7 @@ async def test_health_stats_and_metrics_report_what_happened(
     assert gaps == (3 - 1) + (2 - 1) + (cancelled_frames - 1)
     assert metric(text, "llm_service_turn_duration_seconds_count") == 4
     assert metric(text, "llm_service_cancel_latency_seconds_count") == 1
-    assert "session_id" not in text
+    assert "session_id=" not in text  # no series per session
 
     monitoring_health = await service.get("/health", monitoring=True)
     assert monitoring_health.status_code == 200
@@ -151,3 +151,16 @@ async def test_two_sessions_are_isolated(service: RunningService, fake_ollama: F
     assert systems == [("A", "from a"), ("B", "from b")]
     await a.close()
     await b.close()
+
+
+async def test_known_label_values_are_exported_at_zero_from_the_start(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    # rate() over a counter sees an event only once its series exists
+    text = (await service.get("/metrics", monitoring=True)).text
+    assert metric(text, "llm_service_turns_total", 'outcome="failed"') == 0
+    assert metric(text, "llm_service_errors_total", 'code="upstream_unavailable"') == 0
+    assert metric(text, "llm_service_tool_calls_total", 'outcome="malformed"') == 0
+    assert metric(text, "llm_service_connections_rejected_total", 'reason="max_connections"') == 0
+    upstream = f'outcome="success",upstream="{fake_ollama.url}"'
+    assert metric(text, "llm_service_upstream_requests_total", upstream) == 0
