@@ -27,6 +27,7 @@ class Scripted:
     end: StreamEnd = field(default_factory=StreamEnd)
     error: ServiceError | None = None
     gate: asyncio.Event | None = None  # wait for this before each chunk after the first
+    before: asyncio.Event | None = None  # wait for this before the first item (prompt reading)
     calls: tuple[ToolCall, ...] = ()  # tools the model calls, after the chunks
 
 
@@ -44,6 +45,9 @@ class FakeBackend:
         self.script: deque[Scripted] = deque()
         self.calls: list[ChatRequest] = []
         self.closed_streams = 0
+        self.asked = asyncio.Event()  # set once a stream has started
+        self.status_calls = 0
+        self.status_gate: asyncio.Event | None = None  # status() waits for it when set
         self._tokens_per_char = tokens_per_char
 
     def count_tokens(self, text: str) -> int | None:
@@ -53,8 +57,11 @@ class FakeBackend:
 
     async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         self.calls.append(request)
+        self.asked.set()
         reply = self.script.popleft() if self.script else Scripted(["ok"])
         try:
+            if reply.before is not None:
+                await reply.before.wait()
             for index, chunk in enumerate(reply.chunks):
                 if index and reply.gate is not None:
                     await reply.gate.wait()
@@ -68,6 +75,9 @@ class FakeBackend:
             self.closed_streams += 1
 
     async def status(self) -> EngineStatus:
+        self.status_calls += 1
+        if self.status_gate is not None:
+            await self.status_gate.wait()
         return EngineStatus(reachable=True, detail="fake", version="0", model_available=True)
 
     async def aclose(self) -> None:

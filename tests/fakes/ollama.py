@@ -4,9 +4,11 @@ It serves `/`, `/api/version`, `/api/tags`, `/api/show`, `/api/pull` and `/api/c
 stream ending with a `done` line and its counters, or one JSON object with `stream: false`),
 records every chat request it receives and when the client closed it, and fails on demand the
 ways the real one does: 404 for an unknown model, any HTTP error status with Ollama's
-`{"error": ...}` body, an in-band error line mid-stream, a dropped connection, a stall, a slow
-stream, and refused connections (`refuse()` closes the listening socket, `accept()` reopens it
-on the same port).
+`{"error": ...}` body (or a body that is not JSON, as a proxy in front of it sends), an in-band
+error line mid-stream, a line that is not JSON, a dropped connection, a stall, a slow stream, a
+body left open after the `done` line, a stream held at a chunk until the test releases it, a
+stalled `/api/version`, and refused connections (`refuse()` closes the listening socket,
+`accept()` reopens it on the same port).
 """
 
 from __future__ import annotations
@@ -34,9 +36,14 @@ class Reply:
     header_delay: float = 0.0  # before the response headers (model loading)
     status: int = 200  # != 200: answer this status with {"error": error}
     error: str = "something went wrong"
+    error_body: bytes | None = None  # with status != 200: this body, as text/html, instead
     error_after: int | None = None  # send an in-band {"error"} line after this many chunks
     drop_after: int | None = None  # drop the connection after this many chunks
     stall_after: int | None = None  # stop sending after this many chunks, until the client goes
+    garbage_after: int | None = None  # after this many chunks, a line that is not JSON; a stall
+    gate: asyncio.Event | None = None  # wait for this before the chunk at index gate_at
+    gate_at: int = 1
+    hold_open: bool = False  # after the done line, leave the body open until the client goes
     eval_count: int | None = None  # default: fake_token_count of the reply text
     prompt_eval_count: int | None = None  # default: fake_token_count(messages)
     # Of prompt_eval_count, the tokens Ollama took from its prompt cache (0.33+ sends it).
@@ -105,6 +112,7 @@ class FakeOllama:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._chat_arrived = asyncio.Condition()
+        self.version_gate: asyncio.Event | None = None  # /api/version waits for it when set
 
     @property
     def url(self) -> str:
@@ -167,6 +175,8 @@ class FakeOllama:
 
     async def _version(self, request: web.Request) -> web.Response:
         self._hit(request)
+        if self.version_gate is not None:
+            await self.version_gate.wait()
         return web.json_response({"version": self.version})
 
     async def _tags(self, request: web.Request) -> web.Response:
@@ -257,6 +267,10 @@ class FakeOllama:
         if model not in self.models:
             return _error(404, f'model "{model}" not found, try pulling it first')
         if reply.status != 200:
+            if reply.error_body is not None:
+                return web.Response(
+                    status=reply.status, body=reply.error_body, content_type="text/html"
+                )
             return _error(reply.status, reply.error)
         messages = record.messages
         if record.body.get("stream") is False:
@@ -277,6 +291,11 @@ class FakeOllama:
                 return response
             if index == reply.stall_after:
                 await asyncio.Event().wait()  # until the client goes and the handler is cancelled
+            if index == reply.garbage_after:
+                await response.write(b"<html>502 Bad Gateway</html>\n")
+                await asyncio.Event().wait()  # then nothing more, until the client goes
+            if reply.gate is not None and index == reply.gate_at:
+                await reply.gate.wait()
             pause = reply.first_delay if index == 0 else reply.delay
             if pause:
                 await asyncio.sleep(pause)
@@ -295,6 +314,8 @@ class FakeOllama:
             **self._counters(reply, messages),
         }
         await _line(response, done)
+        if reply.hold_open:
+            await asyncio.Event().wait()  # until the client goes and the handler is cancelled
         return await self._finish(response, record)
 
     async def _finish(self, response: web.StreamResponse, record: ChatRecord) -> web.StreamResponse:
