@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 
 rm -f .coverage .coverage.*
+# one place for every process's data file: the services the tests start run elsewhere
+export COVERAGE_FILE="$PWD/.coverage"
 status=0
 "$python" -m coverage run -m pytest "$@" || status=$?
 "$python" -m coverage combine -q

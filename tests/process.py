@@ -34,10 +34,16 @@ def main_command(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "main.py"), *args]
 
 
+_COVERAGE = ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START", "COVERAGE_FILE")
+
+
 def service_env(home: Path, port: int, monitoring_port: int, **settings: str) -> dict[str, str]:
-    """The environment of a service process: nothing inherited but PATH, loopback only."""
+    """The environment of a service process: nothing inherited but PATH (and, under
+    scripts/coverage.sh, coverage's own variables, so the process is measured too), loopback
+    only."""
     return {
         "PATH": os.environ.get("PATH", ""),
+        **{k: v for k, v in os.environ.items() if k in _COVERAGE},
         "PYTHONPATH": str(ROOT),
         "HOME": str(home),
         "LLM_HOST": "127.0.0.1",
