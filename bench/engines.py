@@ -152,22 +152,11 @@ async def stream_rate(plan: Plan, services: dict[str, Proc], report: Report) -> 
 
 
 async def first_token(plan: Plan, services: dict[str, Proc], report: Report) -> None:
-    blocks: dict[str, list[tuple[float, float]]] = {e: [] for e in ENGINES}
-    for _ in range(plan.turn_blocks):
-        sockets = {e: await sc.open_session(services[e].ws) for e in ENGINES}
-        times: dict[str, list[float]] = {e: [] for e in ENGINES}
-        try:
-            for e in ENGINES:  # warm-up: a session's first turn sets it up
-                await sc.ws_first_token(sockets[e])
-            for turn in range(plan.turns):
-                for e in ordered(turn):
-                    times[e].append(await sc.ws_first_token(sockets[e]) * 1000)
-        finally:
-            await sc.close_sessions(list(sockets.values()))
-        for e, values in times.items():
-            blocks[e].append((sc.percentile(values, 50), sc.percentile(values, 99)))
-    p50 = {e: median([b[0] for b in bs]) for e, bs in blocks.items()}
-    p99 = {e: median([b[1] for b in bs]) for e, bs in blocks.items()}
+    found = await sc.alternated_first_tokens(
+        [services[e].ws for e in ENGINES], plan.turns, plan.turn_blocks
+    )
+    p50 = {e: f[0] for e, f in zip(ENGINES, found, strict=True)}
+    p99 = {e: f[1] for e, f in zip(ENGINES, found, strict=True)}
     label = f"(median of {plan.turn_blocks} blocks of {plan.turns} turns)"
     d50, d99 = p50["openai"] - p50["ollama"], p99["openai"] - p99["ollama"]
     report.rows += [

@@ -14,6 +14,7 @@ import asyncio
 import math
 import re
 import resource
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -170,6 +171,34 @@ async def direct_first_token(client: httpx.AsyncClient) -> float:
             if line and math.isnan(first) and orjson.loads(line)["message"]["content"]:
                 first = time.perf_counter() - started
     return first
+
+
+async def alternated_first_tokens(
+    urls: Sequence[str], turns: int, blocks: int
+) -> list[tuple[float, float]]:
+    """For each of `urls`, in order: the medians over `blocks` blocks of the p50 and p99 ms
+    of `turns` one-token turns. Each block opens one session a target (whose first turn is a
+    warm-up, not counted) and asks the targets in turn, in the given order on even turns and
+    reversed on odd ones, so that none always goes first."""
+    per_block: list[list[tuple[float, float]]] = [[] for _ in urls]
+    for _ in range(blocks):
+        sockets = [await open_session(url) for url in urls]
+        times: list[list[float]] = [[] for _ in urls]
+        try:
+            for ws in sockets:  # warm-up: a session's first turn sets it up
+                await ws_first_token(ws)
+            for turn in range(turns):
+                order = range(len(urls)) if turn % 2 == 0 else reversed(range(len(urls)))
+                for k in order:
+                    times[k].append(await ws_first_token(sockets[k]) * 1000)
+        finally:
+            await close_sessions(sockets)
+        for k, values in enumerate(times):
+            per_block[k].append((percentile(values, 50), percentile(values, 99)))
+    return [
+        (statistics.median(b[0] for b in bs), statistics.median(b[1] for b in bs))
+        for bs in per_block
+    ]
 
 
 # 3. Concurrency --------------------------------------------------------------------------

@@ -374,22 +374,11 @@ async def stream_rate(
 
 
 async def first_token(plan: Plan, services: dict[str, Service], report: Report) -> None:
-    blocks: dict[str, list[tuple[float, float]]] = {s: [] for s in STORES}
-    for _ in range(plan.turn_blocks):
-        sockets = {s: await sc.open_session(services[s].proc.ws) for s in STORES}
-        times: dict[str, list[float]] = {s: [] for s in STORES}
-        try:
-            for s in STORES:  # warm-up: a session's first turn sets it up
-                await sc.ws_first_token(sockets[s])
-            for turn in range(plan.turns):
-                for s in ordered(turn):
-                    times[s].append(await sc.ws_first_token(sockets[s]) * 1000)
-        finally:
-            await sc.close_sessions(list(sockets.values()))
-        for s, values in times.items():
-            blocks[s].append((sc.percentile(values, 50), sc.percentile(values, 99)))
-    p50 = {s: median([b[0] for b in bs]) for s, bs in blocks.items()}
-    p99 = {s: median([b[1] for b in bs]) for s, bs in blocks.items()}
+    found = await sc.alternated_first_tokens(
+        [services[s].proc.ws for s in STORES], plan.turns, plan.turn_blocks
+    )
+    p50 = {s: f[0] for s, f in zip(STORES, found, strict=True)}
+    p99 = {s: f[1] for s, f in zip(STORES, found, strict=True)}
     label = f"(median of {plan.turn_blocks} blocks of {plan.turns} turns)"
     d50, d99 = p50["redis"] - p50["memory"], p99["redis"] - p99["memory"]
     report.rows += [

@@ -112,22 +112,11 @@ async def stream_rate(plan: Plan, services: dict[str, Proc], report: Report) -> 
 
 
 async def first_token(plan: Plan, services: dict[str, Proc], report: Report) -> int:
-    blocks: dict[str, list[tuple[float, float]]] = {w: [] for w in WAYS}
-    for _ in range(plan.turn_blocks):
-        sockets = {w: await sc.open_session(services[w].ws) for w in WAYS}
-        times: dict[str, list[float]] = {w: [] for w in WAYS}
-        try:
-            for w in WAYS:  # warm-up: a session's first turn sets it up
-                await sc.ws_first_token(sockets[w])
-            for turn in range(plan.turns):
-                for w in ordered(turn):
-                    times[w].append(await sc.ws_first_token(sockets[w]) * 1000)
-        finally:
-            await sc.close_sessions(list(sockets.values()))
-        for w, values in times.items():
-            blocks[w].append((sc.percentile(values, 50), sc.percentile(values, 99)))
-    p50 = {w: median([b[0] for b in bs]) for w, bs in blocks.items()}
-    p99 = {w: median([b[1] for b in bs]) for w, bs in blocks.items()}
+    found = await sc.alternated_first_tokens(
+        [services[w].ws for w in WAYS], plan.turns, plan.turn_blocks
+    )
+    p50 = {w: f[0] for w, f in zip(WAYS, found, strict=True)}
+    p99 = {w: f[1] for w, f in zip(WAYS, found, strict=True)}
     label = f"(median of {plan.turn_blocks} blocks of {plan.turns} turns)"
     d50, d99 = p50["on"] - p50["off"], p99["on"] - p99["off"]
     report.rows += [
