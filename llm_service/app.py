@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llm_service import __version__, protocol
 from llm_service.backends import BackendChoice, open_backend
+from llm_service.backends.base import EngineStatus
 from llm_service.backends.pool import EnginePool, RetryPolicy, Upstream
 from llm_service.breaker import CircuitBreaker
 from llm_service.config import Settings
@@ -252,19 +253,24 @@ async def readiness(service: Service, hub: Hub) -> Response:
     sessions go on from memory (`/health` says so). `/livez` is 200 whenever the process
     answers at all: restarting the service helps none of the reasons here.
     """
-    reasons = []
-    if hub.draining:
-        reasons.append("draining: the service is shutting down")
-    engine = await service.health.current()
-    if not engine.reachable:
-        reasons.append(f"engine unreachable: {engine.detail}")
-    elif engine.model_available is False:
-        reasons.append(f"model {service.backend.model!r} is not on the engine")
-    if service.backend.all_open():
-        reasons.append("every upstream's circuit breaker is open")
+    reasons = ["draining: the service is shutting down"] if hub.draining else []
+    reasons += _engine_problems(service, await service.health.current())
     if reasons:
         return JSONResponse({"status": "not_ready", "reasons": reasons}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+def _engine_problems(service: Service, engine: EngineStatus) -> list[str]:
+    """Why no turn would succeed now, as `/readyz` says it: `/health` is unhealthy for the
+    first (no answer), degraded for the others."""
+    problems = []
+    if not engine.reachable:
+        problems.append(f"engine unreachable: {engine.detail}")
+    elif engine.model_available is False:
+        problems.append(f"model {service.backend.model!r} is not on the engine")
+    if service.backend.all_open():
+        problems.append("every upstream's circuit breaker is open")
+    return problems
 
 
 async def health_report(
@@ -274,7 +280,7 @@ async def health_report(
     engine = await service.health.current()
     if not engine.reachable:
         status = "unhealthy"
-    elif engine.model_available is False or service.backend.all_open():
+    elif _engine_problems(service, engine):
         status = "degraded"
     else:
         status = "healthy"

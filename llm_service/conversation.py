@@ -85,6 +85,14 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(chars / 4) + (extra_bytes + 1) // 2
 
 
+# how a turn's status is counted (metrics' `outcome`) and traced
+OUTCOME_LABELS: dict[Status, str] = {
+    "complete": "completed",
+    "interrupted": "cancelled",
+    "incomplete": "failed",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     """A session's effective settings: its system prompt and how its replies are sampled."""
@@ -282,7 +290,7 @@ class Turn:
         error = self.error
         reason = stats.done_reason
         trace.finish(
-            {"complete": "completed", "interrupted": "cancelled", "incomplete": "failed"}[outcome],
+            OUTCOME_LABELS[outcome],
             {
                 "gen_ai.usage.input_tokens": stats.prompt_tokens,
                 "gen_ai.usage.output_tokens": stats.tokens_generated,
@@ -586,9 +594,8 @@ class Conversation:
                 self.telemetry.tool_calls("called", len(calls))
         self.turns += 1
         self.tokens_generated += stats.tokens_generated
-        label = {"complete": "completed", "interrupted": "cancelled", "incomplete": "failed"}
         self.telemetry.turn_finished(
-            label[outcome],
+            OUTCOME_LABELS[outcome],
             tokens=stats.tokens_generated,
             prompt_tokens=turn.end.prompt_tokens if turn.end else None,
             cached_tokens=turn.end.prompt_cached_tokens if turn.end else None,
