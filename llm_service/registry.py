@@ -16,8 +16,9 @@ that other replicas share (Redis) it also publishes each session's frames in bat
 resumes a session another replica held (from the store's record and frames, following a reply
 that is still streaming there), and tells the other replicas when it took a session over, so
 that the one holding the old socket closes it. A store that fails does not stop the service:
-sessions go on from memory, `/health` says the store is degraded, and writes resume once it
-answers.
+sessions go on from memory, `/health` says the store is degraded, and the writer tries again
+each second, new turns or not; once the store answers, every session here is written again
+(a Redis that restarted empty, or the writes refused meanwhile, leave it behind).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ log = structlog.get_logger("llm_service.sessions")
 
 _SWEEP_S = 5.0
 _PUBLISH_EVERY_S = 0.01
+_RETRY_WRITES_S = 1.0  # while the store fails: how often the writer tries it again
 _CLOSE_LIMIT_S = 5.0
 
 
@@ -403,7 +405,15 @@ class SessionRegistry:
 
     async def _writer(self) -> None:
         while True:
-            await self._wake_writer.wait()
+            if self._degraded_since is None:
+                await self._wake_writer.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_writer.wait(), _RETRY_WRITES_S)
+                # all of them: the store may have lost what it held; while it fails, the
+                # first write refused ends the pass, so this is one try a second
+                for session in list(self._sessions.values()):
+                    self.save_soon(session, detached=session.socket is None)
             self._wake_writer.clear()
             await self._flush_writes()
 
@@ -418,6 +428,7 @@ class SessionRegistry:
             try:
                 await self.store.save(session.record(), detached=detached)
             except StoreError as exc:
+                self._dirty.setdefault(session_id, (session, detached))  # a newer one stands
                 self._failed(exc)
                 return
             self._recovered()
