@@ -200,7 +200,9 @@ async def test_a_refused_key_is_a_configuration_error_that_ends_the_socket() -> 
 
 
 @pytest.mark.parametrize(
-    "fault", [{"error_after": 2}, {"drop_after": 2}], ids=["in-band-error", "dropped"]
+    "fault",
+    [{"error_after": 2}, {"drop_after": 2}, {"interrupted_after": 2}],
+    ids=["in-band-error", "dropped", "done-without-finish-reason"],
 )
 async def test_failure_mid_stream_keeps_the_partial_reply_marked_incomplete(
     service: RunningService, fake: FakeOpenAI, fault: dict[str, Any]
@@ -295,6 +297,10 @@ async def llama_cpp_server(tmp_path: Path, *extra: str) -> AsyncIterator[str]:
         "2048",
         "--n_threads",
         "1",
+        # otherwise any request, the service's /v1/models probes included, ends the reply
+        # streaming at that moment with a [DONE] (and a busy machine makes them meet)
+        "--interrupt_requests",
+        "false",
         *extra,
         stdout=log,
         stderr=asyncio.subprocess.STDOUT,

@@ -165,6 +165,12 @@ class OpenAIBackend:
             pieces: dict[int, list[Any]] = {}  # a call's index: its id, name, argument text
             while (event := await events.next()) is not None:
                 if event == b"[DONE]":
+                    if finish is None:  # every complete reply says why it ended
+                        raise UpstreamError(
+                            f"{self.where} ended the reply without a finish_reason: it was "
+                            "cut off (llama-cpp-python's server does so whenever another "
+                            "request arrives, unless started with --interrupt_requests false)"
+                        )
                     await events.drain()
                     break
                 data = _json(event, self.where)

@@ -72,6 +72,9 @@ class Reply:
     completion_tokens: int | None = None  # default: fake_tokens of the text and tool calls
     omit_usage: bool = False  # no usage chunk even when include_usage asked for one
     omit_done: bool = False  # end the stream cleanly but without `data: [DONE]`
+    # `data: [DONE]` after this many chunks, with no finish_reason: llama-cpp-python's server
+    # cutting a reply short because another request arrived (its --interrupt_requests)
+    interrupted_after: int | None = None
     keepalive_comments: bool = False  # a `: keep-alive` comment before each event
     multiline: bool = False  # each chunk's JSON split across two `data:` lines of one event
 
@@ -256,6 +259,8 @@ class FakeOpenAI:
                 error = {"error": {"message": reply.error, "type": "server_error"}}
                 await _event(response, reply, error)
                 # vLLM still ends with [DONE] after an in-band error; llama-server does not.
+                return await self._end(response, record, reply)
+            if index == reply.interrupted_after:
                 return await self._end(response, record, reply)
             if index == reply.drop_after:
                 assert request.transport is not None
