@@ -342,7 +342,7 @@ async def test_the_queue_span_is_the_wait_for_an_embedded_worker(collector: Coll
         for client in clients:
             await client.send({"type": "user_message", "text": "Name three colours."})
         for client in clients:
-            await asyncio.wait_for(client.recv_until("response_complete"), 120)
+            await client.recv_until("response_complete", limit=120)
             await client.close()
 
     turns = collector.turns()
