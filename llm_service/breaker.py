@@ -27,8 +27,8 @@ class CircuitBreaker:
 
     def __init__(
         self,
-        failure_threshold: int = 5,
-        recovery_timeout: float = 15.0,
+        failure_threshold: int,
+        recovery_timeout: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.failure_threshold = failure_threshold
@@ -36,7 +36,7 @@ class CircuitBreaker:
         self._clock = clock
         self.state: State = "closed"
         self.failures = 0
-        self.opened_at = 0.0
+        self.opened_at = 0.0  # pragma: no mutate (read only while open; opening sets it)
         self._probing = False
         self.times_opened = 0
 
@@ -48,11 +48,9 @@ class CircuitBreaker:
 
     def admits(self) -> bool:
         """Whether `before_call()` would let a call through now (it changes nothing)."""
-        if self.state == "closed":
-            return True
         if self.state == "open":
             return self.retry_after() <= 0
-        return not self._probing
+        return not self._probing  # never probing while closed
 
     def before_call(self) -> None:
         """Admit a call or raise `CircuitOpen`. An admitted call must end in exactly one of
@@ -73,7 +71,9 @@ class CircuitBreaker:
 
     def record_failure(self) -> None:
         self.failures += 1
-        if self.state == "half_open" or self.failures >= self.failure_threshold:
+        # a failed probe reopens too: failures count from the last success, so a breaker
+        # that opened has at least the threshold
+        if self.failures >= self.failure_threshold:
             if self.state != "open":
                 self.times_opened += 1
             self.state = "open"

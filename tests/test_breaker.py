@@ -104,3 +104,54 @@ def test_late_failure_while_open_keeps_it_open(breaker: CircuitBreaker, clock: F
     failing(breaker, 3)
     breaker.record_failure()
     assert breaker.state == "open" and breaker.times_opened == 1
+
+
+def test_what_health_shows_of_each_state(breaker: CircuitBreaker, clock: FakeClock) -> None:
+    closed = {"state": "closed", "consecutive_failures": 0, "failure_threshold": 3}
+    assert breaker.snapshot() == {**closed, "retry_after_ms": 0}
+    failing(breaker, 3)
+    clock.now += 2.5
+    assert breaker.snapshot() == {
+        "state": "open",
+        "consecutive_failures": 3,
+        "failure_threshold": 3,
+        "retry_after_ms": 7500,
+    }
+    clock.now += 7.5
+    breaker.before_call()  # the probe
+    assert breaker.snapshot() == {
+        "state": "half_open",
+        "consecutive_failures": 3,
+        "failure_threshold": 3,
+        "retry_after_ms": 0,
+    }
+
+
+def test_admits_says_what_before_call_would_do(breaker: CircuitBreaker, clock: FakeClock) -> None:
+    assert breaker.admits()
+    failing(breaker, 3)
+    clock.now += 9.5  # half a second left: still shut
+    assert not breaker.admits()
+    clock.now += 0.5
+    assert breaker.admits()
+    breaker.before_call()  # the probe is out: no other call until it ends
+    assert not breaker.admits()
+    breaker.record_success()
+    assert breaker.admits() and breaker.state == "closed"
+
+
+def test_the_rejection_says_why_and_when(breaker: CircuitBreaker, clock: FakeClock) -> None:
+    failing(breaker, 3)
+    clock.now += 10.0 - 0.0001  # a tenth of a millisecond left: the wait is never 0 ms
+    with pytest.raises(CircuitOpen) as caught:
+        breaker.before_call()
+    assert caught.value.retry_after_ms == 1
+    assert str(caught.value) == (
+        "the engine failed 3 times in a row; calls are paused (next try in 1 ms)"
+    )
+    clock.now += 0.0001
+    breaker.before_call()  # the probe
+    with pytest.raises(CircuitOpen) as caught:
+        breaker.before_call()  # while it is out: try again shortly
+    assert caught.value.retry_after_ms == 100
+    assert "(next try in 100 ms)" in str(caught.value)

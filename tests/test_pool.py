@@ -90,7 +90,7 @@ def upstream(url: str) -> str:
 
 
 def pool_of(labels: Sequence[str], max_inflight: int = 0) -> EnginePool:
-    upstreams = [Upstream(FakeBackend(), label, CircuitBreaker()) for label in labels]
+    upstreams = [Upstream(FakeBackend(), label, CircuitBreaker(5, 15.0)) for label in labels]
     return EnginePool(upstreams, RetryPolicy(), Telemetry(), max_inflight=max_inflight)
 
 
