@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -463,26 +464,36 @@ class SessionRegistry:
         ttl = self.settings.llm_session_ttl_s
         while True:
             await asyncio.sleep(min(_SWEEP_S, ttl))
-            now = time.monotonic()
-            expired = [
-                session
-                for session in self._sessions.values()
-                if session.detached_at is not None
-                and now - session.detached_at >= ttl
-                and not session.generating
-            ]
-            for session in expired:
-                self.forget(session)
-            if expired:
+            if self._expire(ttl):
                 # a session and its reply refer to each other: only a collection frees them,
                 # and after gc.freeze() the collector's own passes come rarely
-                del expired
                 gc.collect()
+                _clear_type_cache()
                 _trim_heap()
             try:
                 await self.store.sweep()
             except StoreError as exc:
                 self._failed(exc)
+
+    def _expire(self, ttl: float) -> int:
+        """Forget the sessions detached for `ttl` or longer; how many there were.
+
+        A function of its own, not the sweeper's loop: the sweeper's frame lives as long as
+        the service, and a loop variable there would hold the last session it expired (its
+        conversation, frames and reply) until a later sweep expired another; in memory
+        that pymalloc hands out in arenas, those few objects keep whole arenas of the freed
+        ones from going back to the system."""
+        now = time.monotonic()
+        expired = [
+            session
+            for session in self._sessions.values()
+            if session.detached_at is not None
+            and now - session.detached_at >= ttl
+            and not session.generating
+        ]
+        for session in expired:
+            self.forget(session)
+        return len(expired)
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -676,6 +687,17 @@ def _restore_history(conversation: Conversation, record: SessionRecord) -> None:
     ]
     conversation.turns = record.turns
     conversation.tokens_generated = record.tokens_generated
+
+
+def _clear_type_cache() -> None:
+    """Empty CPython's attribute-lookup cache (refilled by the next lookups). Each of its
+    4,096 entries holds the name it was looked up by, and names made at run time are new
+    strings each time (datetime's `dst`, for the Date header of every WebSocket handshake):
+    hundreds of them stay alive there, scattered through the memory that expired sessions
+    used, each keeping an arena of it from going back to the system."""
+    clear = getattr(sys, "_clear_internal_caches", None) or getattr(sys, "_clear_type_cache", None)
+    if clear is not None:
+        clear()
 
 
 def _trim_heap() -> None:
