@@ -411,12 +411,16 @@ class SessionRegistry:
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_writer.wait(), _RETRY_WRITES_S)
-                # all of them: the store may have lost what it held; while it fails, the
-                # first write refused ends the pass, so this is one try a second
-                for session in list(self._sessions.values()):
-                    self.save_soon(session, detached=session.socket is None)
+                self._save_all_soon()
             self._wake_writer.clear()
             await self._flush_writes()
+
+    def _save_all_soon(self) -> None:
+        """Queue every session: the store may have lost what it held. While it fails, the
+        first write refused ends the writer's pass, so that is one try a second. (A method,
+        not the writer's loop: a loop variable there would hold a session for good.)"""
+        for session in list(self._sessions.values()):
+            self.save_soon(session, detached=session.socket is None)
 
     async def _flush_writes(self) -> None:
         while self._dirty:
