@@ -15,7 +15,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from llm_service.security import AuthThrottle
+from llm_service.security import Access, AuthThrottle, Presented, presented_key
 from tests.fakes.ollama import FakeOllama, Reply
 from tests.process import service_process
 from tests.support import (
@@ -372,3 +372,69 @@ async def test_stats_count_sessions_in_all(service: RunningService) -> None:
         return bool(body["active_sessions"] == 0 and body["total_sessions"] == 3)
 
     await poll(all_closed)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_throttled_address_waits_out_the_minute_of_its_oldest_counted_failure() -> None:
+    clock = Clock(5000.0)  # a monotonic clock is rarely near 0
+    throttle = AuthThrottle(2, clock=clock)
+    throttle.failed("a")
+    clock.now += 10
+    throttle.failed("a")
+    clock.now += 5
+    assert throttle.retry_after("a") == pytest.approx(45.0)  # 60 s after the first
+    clock.now += 45
+    assert throttle.retry_after("a") == 0.0
+    # a limit of one keeps the latest failure only
+    single = AuthThrottle(1, clock=clock)
+    single.failed("b")
+    clock.now += 30
+    single.failed("b")
+    clock.now += 10
+    assert single.retry_after("b") == pytest.approx(50.0)
+
+
+def test_the_throttle_keeps_the_most_recent_4096_addresses() -> None:
+    clock = Clock(5000.0)
+    throttle = AuthThrottle(1, clock=clock)
+    for i in range(4096):
+        throttle.failed(f"10.0.{i // 256}.{i % 256}")
+    throttle.failed("192.0.2.1")  # one more: the address seen least recently goes
+    assert throttle.retry_after("10.0.0.0") == 0.0
+    assert throttle.retry_after("10.0.0.1") > 0
+    assert throttle.retry_after("192.0.2.1") > 0
+
+
+def test_where_a_key_is_found() -> None:
+    def found(
+        headers: dict[str, str] | None = None,
+        query: dict[str, str] | None = None,
+        subprotocols: tuple[str, ...] = (),
+    ) -> Presented:
+        return presented_key(headers or {}, query or {}, subprotocols)
+
+    assert found({"authorization": "Bearer k1"}) == Presented("k1", "header")
+    assert found({"authorization": "bearer  k1 "}) == Presented("k1", "header")  # 1*SP, any case
+    assert found({"authorization": "Basic k1"}) == Presented(None, "none")
+    assert found(query={"token": "k2"}) == Presented("k2", "query")
+    assert found(subprotocols=("fasttalk", "bearer.k3")) == Presented("k3", "subprotocol")
+    assert found() == Presented(None, "none")
+    # the header first, then the query, then the subprotocol
+    both = found({"authorization": "Bearer k1"}, {"token": "k2"}, ("bearer.k3",))
+    assert both == Presented("k1", "header")
+
+
+def test_keys_and_origins_compared_whole() -> None:
+    assert Access([], []).key_ok(None) is True  # no keys: open
+    access = Access(["k1", "k2"], ["https://app.example"])
+    assert access.key_ok("k2") and not access.key_ok("k") and not access.key_ok(None)
+    assert access.origin_ok("https://app.example/") and access.origin_ok(None)
+    assert not access.origin_ok("https://app.exampleX")
+    assert not access.origin_ok("https://app.example.evil")
