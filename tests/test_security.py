@@ -15,6 +15,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
+from llm_service.errors import RateLimited, Unauthorized
 from llm_service.security import Access, AuthThrottle, Presented, presented_key
 from tests.fakes.ollama import FakeOllama, Reply
 from tests.process import service_process
@@ -438,3 +439,28 @@ def test_keys_and_origins_compared_whole() -> None:
     assert access.origin_ok("https://app.example/") and access.origin_ok(None)
     assert not access.origin_ok("https://app.exampleX")
     assert not access.origin_ok("https://app.example.evil")
+
+
+def test_authenticate_refuses_a_throttled_address_without_reading_its_key() -> None:
+    clock = Clock(5000.0)
+    access = Access(["k1"], [], AuthThrottle(2, clock=clock))
+
+    def attempt(client: str, key: str) -> object:
+        headers = {"authorization": f"Bearer {key}"}
+        return access.authenticate(client, "/ws/llm", headers, {})
+
+    assert attempt("10.0.0.1", "k1") is None
+    assert isinstance(attempt("10.0.0.1", "wrong"), Unauthorized)
+    clock.now += 20
+    assert isinstance(attempt("10.0.0.1", "wrong"), Unauthorized)
+    clock.now += 0.5
+    refused = attempt("10.0.0.1", "k1")  # the right key, but the address is throttled
+    assert isinstance(refused, RateLimited)
+    assert refused.retry_after_ms == 39_500  # a minute after its first counted failure
+    assert str(refused) == (
+        "too many failed API key attempts from this address; retry in 40 s "
+        "(LLM_AUTH_FAILURES_PER_MINUTE)"
+    )
+    assert attempt("10.0.0.2", "k1") is None  # another address is not throttled
+    clock.now += 39.5
+    assert attempt("10.0.0.1", "k1") is None
