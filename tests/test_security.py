@@ -11,6 +11,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 import pytest
+import structlog.testing
 import websockets
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
@@ -464,3 +465,25 @@ def test_authenticate_refuses_a_throttled_address_without_reading_its_key() -> N
     assert attempt("10.0.0.2", "k1") is None  # another address is not throttled
     clock.now += 39.5
     assert attempt("10.0.0.1", "k1") is None
+
+
+def test_failures_are_logged_once_per_address_per_minute() -> None:
+    clock = Clock(5000.0)
+    access = Access(["k1"], [], AuthThrottle(10, clock=clock))
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            access.authenticate("10.0.0.1", "/ws/llm", {"authorization": "Bearer bad"}, {})
+        access.authenticate("10.0.0.2", "/stats", {}, {})
+    assert [(e["event"], e["client"], e["via"], e["reason"]) for e in logs] == [
+        ("auth_failed", "10.0.0.1", "header", "wrong key"),
+        ("auth_failed", "10.0.0.2", "none", "missing key"),
+    ]
+
+
+def test_the_wait_of_a_throttled_address_is_never_0_ms() -> None:
+    clock = Clock(5000.0)
+    access = Access(["k1"], [], AuthThrottle(1, clock=clock))
+    access.authenticate("10.0.0.1", "/ws/llm", {}, {})
+    clock.now += 60 - 0.0004  # 0.4 ms left
+    refused = access.authenticate("10.0.0.1", "/ws/llm", {}, {})
+    assert isinstance(refused, RateLimited) and refused.retry_after_ms == 1
