@@ -474,10 +474,12 @@ def test_failures_are_logged_once_per_address_per_minute() -> None:
         for _ in range(3):
             access.authenticate("10.0.0.1", "/ws/llm", {"authorization": "Bearer bad"}, {})
         access.authenticate("10.0.0.2", "/stats", {}, {})
-    assert [(e["event"], e["client"], e["via"], e["reason"]) for e in logs] == [
-        ("auth_failed", "10.0.0.1", "header", "wrong key"),
-        ("auth_failed", "10.0.0.2", "none", "missing key"),
+    assert [(e["event"], e["endpoint"], e["client"], e["via"], e["reason"]) for e in logs] == [
+        ("auth_failed", "/ws/llm", "10.0.0.1", "header", "wrong key"),
+        ("auth_failed", "/stats", "10.0.0.2", "none", "missing key"),
     ]
+    assert all(e["log_level"] == "warning" for e in logs)
+    assert all("counted, not logged" in e["detail"] for e in logs)
 
 
 def test_the_wait_of_a_throttled_address_is_never_0_ms() -> None:
@@ -487,3 +489,12 @@ def test_the_wait_of_a_throttled_address_is_never_0_ms() -> None:
     clock.now += 60 - 0.0004  # 0.4 ms left
     refused = access.authenticate("10.0.0.1", "/ws/llm", {}, {})
     assert isinstance(refused, RateLimited) and refused.retry_after_ms == 1
+
+
+def test_at_most_30_refused_keys_are_logged_a_minute_across_addresses() -> None:
+    clock = Clock(5000.0)
+    access = Access(["k1"], [], AuthThrottle(10, clock=clock))
+    with structlog.testing.capture_logs() as logs:
+        for i in range(40):
+            access.authenticate(f"10.0.0.{i}", "/ws/llm", {}, {})
+    assert len(logs) == 30
