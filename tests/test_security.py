@@ -479,7 +479,8 @@ def test_failures_are_logged_once_per_address_per_minute() -> None:
         ("auth_failed", "/stats", "10.0.0.2", "none", "missing key"),
     ]
     assert all(e["log_level"] == "warning" for e in logs)
-    assert all("counted, not logged" in e["detail"] for e in logs)
+    detail = "further failures from this address this minute are counted, not logged"
+    assert all(e["detail"] == detail for e in logs)
 
 
 def test_the_wait_of_a_throttled_address_is_never_0_ms() -> None:
