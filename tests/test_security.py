@@ -451,7 +451,12 @@ def test_authenticate_refuses_a_throttled_address_without_reading_its_key() -> N
         return access.authenticate(client, "/ws/llm", headers, {})
 
     assert attempt("10.0.0.1", "k1") is None
-    assert isinstance(attempt("10.0.0.1", "wrong"), Unauthorized)
+    wrong = attempt("10.0.0.1", "wrong")
+    assert isinstance(wrong, Unauthorized)
+    assert str(wrong) == (
+        "a valid API key is required (Authorization: Bearer, the token query parameter, "
+        "or a bearer.<key> subprotocol)"
+    )
     clock.now += 20
     assert isinstance(attempt("10.0.0.1", "wrong"), Unauthorized)
     clock.now += 0.5
