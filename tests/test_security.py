@@ -504,3 +504,10 @@ def test_at_most_30_refused_keys_are_logged_a_minute_across_addresses() -> None:
         for i in range(40):
             access.authenticate(f"10.0.0.{i}", "/ws/llm", {}, {})
     assert len(logs) == 30
+
+
+def test_without_a_throttle_failed_keys_are_not_throttled() -> None:
+    access = Access(["k1"], [])
+    for _ in range(5):
+        assert isinstance(access.authenticate("10.0.0.1", "/ws/llm", {}, {}), Unauthorized)
+    assert access.authenticate("10.0.0.1", "/ws/llm", {"authorization": "Bearer k1"}, {}) is None
