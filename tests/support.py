@@ -219,6 +219,17 @@ class Client:
         await self.ws.close()
 
 
+class FakeClock:
+    """A clock that moves only when the test moves it (`clock.now += 10`); it starts far
+    from 0, as a monotonic clock does, so that arithmetic on its readings shows."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def poll(check: Callable[[], Awaitable[bool]], limit: float = 2.0) -> None:
     """Re-check a condition the test cannot wait on directly (another process's state)."""
     deadline = time.monotonic() + limit

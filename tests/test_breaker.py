@@ -6,14 +6,7 @@ import pytest
 
 from llm_service.breaker import CircuitBreaker
 from llm_service.errors import CircuitOpen
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClock
 
 
 def failing(breaker: CircuitBreaker, times: int) -> None:

@@ -54,6 +54,7 @@ from tests.fakes.ollama import DEFAULT_MODEL, FakeOllama, Reply
 from tests.support import (
     ANY_ID,
     WS_HANDSHAKE,
+    FakeClock,
     RunningService,
     make_settings,
     metric,
@@ -113,16 +114,6 @@ class FrameTap:
             await send(message)
 
         await self.app(scope, receive, tapped)
-
-
-class FakeClock:
-    """A clock that moves only when the test moves it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def chat_request(text: str = "Hi") -> ChatRequest:

@@ -23,6 +23,7 @@ from tests.process import service_process
 from tests.support import (
     WS_HANDSHAKE,
     Client,
+    FakeClock,
     RunningService,
     make_settings,
     metric,
@@ -376,16 +377,8 @@ async def test_stats_count_sessions_in_all(service: RunningService) -> None:
     await poll(all_closed)
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_throttled_address_waits_out_the_minute_of_its_oldest_counted_failure() -> None:
-    clock = Clock(5000.0)  # a monotonic clock is rarely near 0
+    clock = FakeClock(5000.0)  # a monotonic clock is rarely near 0
     throttle = AuthThrottle(2, clock=clock)
     throttle.failed("a")
     clock.now += 10
@@ -404,7 +397,7 @@ def test_a_throttled_address_waits_out_the_minute_of_its_oldest_counted_failure(
 
 
 def test_the_throttle_keeps_the_most_recent_4096_addresses() -> None:
-    clock = Clock(5000.0)
+    clock = FakeClock(5000.0)
     throttle = AuthThrottle(1, clock=clock)
     for i in range(4096):
         throttle.failed(f"10.0.{i // 256}.{i % 256}")
@@ -443,7 +436,7 @@ def test_keys_and_origins_compared_whole() -> None:
 
 
 def test_authenticate_refuses_a_throttled_address_without_reading_its_key() -> None:
-    clock = Clock(5000.0)
+    clock = FakeClock(5000.0)
     access = Access(["k1"], [], AuthThrottle(2, clock=clock))
 
     def attempt(client: str, key: str) -> object:
@@ -473,7 +466,7 @@ def test_authenticate_refuses_a_throttled_address_without_reading_its_key() -> N
 
 
 def test_failures_are_logged_once_per_address_per_minute() -> None:
-    clock = Clock(5000.0)
+    clock = FakeClock(5000.0)
     access = Access(["k1"], [], AuthThrottle(10, clock=clock))
     with structlog.testing.capture_logs() as logs:
         for _ in range(3):
@@ -489,7 +482,7 @@ def test_failures_are_logged_once_per_address_per_minute() -> None:
 
 
 def test_the_wait_of_a_throttled_address_is_never_0_ms() -> None:
-    clock = Clock(5000.0)
+    clock = FakeClock(5000.0)
     access = Access(["k1"], [], AuthThrottle(1, clock=clock))
     access.authenticate("10.0.0.1", "/ws/llm", {}, {})
     clock.now += 60 - 0.0004  # 0.4 ms left
@@ -498,7 +491,7 @@ def test_the_wait_of_a_throttled_address_is_never_0_ms() -> None:
 
 
 def test_at_most_30_refused_keys_are_logged_a_minute_across_addresses() -> None:
-    clock = Clock(5000.0)
+    clock = FakeClock(5000.0)
     access = Access(["k1"], [], AuthThrottle(10, clock=clock))
     with structlog.testing.capture_logs() as logs:
         for i in range(40):
