@@ -25,8 +25,8 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from llm_service import protocol
 from llm_service.conversation import Turn
-from llm_service.errors import GenerationInProgress, InternalError, ServiceError
-from llm_service.service import Service
+from llm_service.errors import InternalError, ServiceError
+from llm_service.metrics import Telemetry
 from llm_service.sessions.framelog import FrameLog
 from llm_service.sessions.store import Frame
 from llm_service.timing import Deadline
@@ -82,10 +82,10 @@ class Streamed(Protocol):
 class Generation:
     """A session's reply in flight."""
 
-    def __init__(self, session: Streamed, service: Service) -> None:
+    def __init__(self, session: Streamed, telemetry: Telemetry, send_timeout_s: float) -> None:
         self._session = session
-        self._telemetry = service.telemetry
-        self._send_timeout_s = service.settings.llm_send_timeout_s
+        self._telemetry = telemetry
+        self._send_timeout_s = send_timeout_s  # LLM_SEND_TIMEOUT_S
         self._sends = Deadline(asyncio.get_running_loop(), self._not_reading)
         self.task: asyncio.Task[None] | None = None
         self.turn: Turn | None = None
@@ -94,10 +94,6 @@ class Generation:
     @property
     def busy(self) -> bool:
         return self.task is not None and not self.task.done()
-
-    def refuse_if_busy(self) -> None:
-        if self.busy:
-            raise GenerationInProgress("a reply is still streaming; send cancel first")
 
     async def settle(self) -> None:
         """Let a reply whose turn has ended send its last frames: a `tool_result` may be read
@@ -120,14 +116,20 @@ class Generation:
                 try:
                     async for item in stream:
                         if isinstance(item, str):
+                            socket = session.socket
+                            live = socket is not None and session.live
+                            if not live and session.overflowing():
+                                # the client would miss frames: stop (interrupted), the
+                                # history ending with the last frame the log holds
+                                log.info("resume_buffer_full", frames=frames.undelivered())
+                                break
                             seq = frames.next()
                             text = token(seq, item)
                             frames.keep(seq, text)
                             if shared:
                                 session.outbox.append((seq, text))
                                 session.publish_soon()
-                            socket = session.socket
-                            if socket is not None and session.live:
+                            if socket is not None and live:
                                 sends.start(limit)
                                 try:
                                     await socket.send_text(text)
@@ -136,9 +138,6 @@ class Generation:
                                 else:
                                     frames.delivered = seq
                                 sends.stop()
-                            elif session.overflowing():
-                                log.info("resume_buffer_full", frames=frames.undelivered())
-                                break  # the client would miss frames: stop (interrupted)
                         else:
                             if turn.calls:
                                 await self._send(protocol.tool_call, turn.response_id, turn.calls)

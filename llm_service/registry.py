@@ -88,7 +88,9 @@ class Session:
         self.cancelling = False  # a cancel asked for there is stopping the reply here
         self.epoch = 0  # which holder of the session this is (its frames' stream)
         self.shared = registry.shared
-        self.reply = Generation(self, registry.service)
+        self.reply = Generation(
+            self, registry.service.telemetry, registry.settings.llm_send_timeout_s
+        )
         self._grace: asyncio.TimerHandle | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
