@@ -147,9 +147,11 @@ async def test_frames_are_numbered_sent_and_marked_delivered() -> None:
     session, socket = FakeSession(), FakeSocket()
     session.attach(socket)
     generation = reply(session)
-    generation.start(conversation(backend).start_turn("Hi"))
-    await finish(generation)
+    with capture_logs() as logs:
+        generation.start(conversation(backend).start_turn("Hi"))
+        await finish(generation)
     assert socket.types() == ["token", "token", "token", "response_complete"]
+    assert logs == [{"event": "turn_completed", "tokens": 3, "log_level": "info"}]
     assert [f["seq"] for f in socket.frames] == [0, 1, 2, 3]
     assert [f["data"] for f in socket.frames[:3]] == ["Hel", "lo", "!"]
     assert session.log.delivered == session.log.last == 3
@@ -277,9 +279,12 @@ async def test_an_engine_failure_ends_the_turn_with_an_error_frame(failure: Serv
     telemetry = Telemetry()
     generation = reply(session, telemetry)
     turn = conversation(backend).start_turn("Hi")
-    generation.start(turn)
-    await finish(generation)
+    with capture_logs() as logs:
+        generation.start(turn)
+        await finish(generation)
     assert socket.types() == ["token", "error"]
+    failed = {"code": failure.code, "error": failure.message, "cause": None}
+    assert logs == [{"event": "turn_failed", "log_level": "warning", **failed}]
     assert socket.frames[1] == {
         "type": "error",
         "error": protocol.error_body(failure),
@@ -441,3 +446,59 @@ async def test_stop_returns_once_the_engine_request_is_closed() -> None:
     await generation.stop()
     assert backend.closed_streams == 1 and not generation.busy
     assert statuses(conv) == ["interrupted"] and session.replies_ended == 1
+
+
+async def test_a_failure_logs_what_caused_it() -> None:
+    backend = FakeBackend()
+    failure = UpstreamError("the engine closed the stream")
+    failure.__cause__ = ConnectionResetError("peer reset")
+    backend.script.append(Scripted([], error=failure))
+    session, socket = FakeSession(), FakeSocket()
+    session.attach(socket)
+    generation = reply(session)
+    with capture_logs() as logs:
+        generation.start(conversation(backend).start_turn("Hi"))
+        await finish(generation)
+    assert [(e["event"], e["cause"]) for e in logs] == [
+        ("turn_failed", "ConnectionResetError('peer reset')")
+    ]
+
+
+def failing_with_a_slow_error_frame() -> tuple[FakeBackend, FakeSession, FakeSocket, Generation]:
+    """A reply whose engine failed, its error frame still being sent when `stop` comes."""
+    backend = FakeBackend()
+    backend.script.append(Scripted(["a"], error=UpstreamError("cut")))
+    session, socket = FakeSession(), FakeSocket()
+    socket.hold["error"] = asyncio.Event()
+    session.attach(socket)
+    generation = reply(session)
+    generation.start(conversation(backend).start_turn("Hi"))
+    return backend, session, socket, generation
+
+
+async def test_stop_lets_a_reply_that_is_unwinding_finish() -> None:
+    """The engine failed and the reply is sending its error frame: `stop` (the client went,
+    with no grace) waits for that instead of cutting it short."""
+    backend, session, socket, generation = failing_with_a_slow_error_frame()
+
+    async def closed() -> bool:
+        return backend.closed_streams == 1
+
+    await poll(closed)
+    asyncio.get_running_loop().call_later(0.05, socket.hold["error"].set)
+    await asyncio.wait_for(generation.stop(), 10)
+    assert socket.types() == ["token", "error"]
+    assert not generation.busy and session.replies_ended == 1
+
+
+async def test_stop_cancels_a_reply_stuck_unwinding_after_the_limit() -> None:
+    """Bounded by the unwind limit (5 s): an unwinding reply that never ends is cancelled."""
+    backend, session, socket, generation = failing_with_a_slow_error_frame()
+
+    async def closed() -> bool:
+        return backend.closed_streams == 1
+
+    await poll(closed)
+    await asyncio.wait_for(generation.stop(), 30)
+    assert socket.types() == ["token"]
+    assert not generation.busy and session.replies_ended == 1
