@@ -327,11 +327,13 @@ async def test_a_bug_ends_the_turn_with_an_internal_error_not_the_session() -> N
     assert backend.closed_streams == 1
 
 
-async def test_settle_waits_for_a_finished_turn_to_send_its_last_frame() -> None:
+async def finished_with_its_last_frame_held() -> tuple[FakeSocket, Generation]:
+    """A reply whose turn has ended, its `response_complete` held until the socket's
+    `hold["response_complete"]` is set."""
     backend = FakeBackend()
     backend.script.append(Scripted(["a"]))
     session, socket = FakeSession(), FakeSocket()
-    release = socket.hold["response_complete"] = asyncio.Event()
+    socket.hold["response_complete"] = asyncio.Event()
     session.attach(socket)
     generation = reply(session)
     turn = conversation(backend).start_turn("Hi")
@@ -341,8 +343,13 @@ async def test_settle_waits_for_a_finished_turn_to_send_its_last_frame() -> None
         return turn.finished_at is not None
 
     await poll(turn_finished)
+    return socket, generation
+
+
+async def test_settle_waits_for_a_finished_turn_to_send_its_last_frame() -> None:
+    socket, generation = await finished_with_its_last_frame_held()
     assert generation.busy  # its response_complete is not sent yet
-    asyncio.get_running_loop().call_later(0.05, release.set)
+    asyncio.get_running_loop().call_later(0.05, socket.hold["response_complete"].set)
     await asyncio.wait_for(generation.settle(), 10)
     assert socket.types() == ["token", "response_complete"]
     assert not generation.busy
@@ -365,19 +372,7 @@ async def test_settle_does_not_wait_for_a_reply_still_streaming() -> None:
 async def test_settle_gives_up_on_a_reply_stuck_sending_its_last_frame() -> None:
     """Bounded by the unwind limit (5 s): a client that never takes `response_complete` does
     not hold the next frame forever (the send timeout ends such a connection)."""
-    backend = FakeBackend()
-    backend.script.append(Scripted(["a"]))
-    session, socket = FakeSession(), FakeSocket()
-    socket.hold["response_complete"] = asyncio.Event()  # never set
-    session.attach(socket)
-    generation = reply(session)
-    turn = conversation(backend).start_turn("Hi")
-    generation.start(turn)
-
-    async def turn_finished() -> bool:
-        return turn.finished_at is not None
-
-    await poll(turn_finished)
+    _, generation = await finished_with_its_last_frame_held()  # and never released
     await asyncio.wait_for(generation.settle(), 30)
     assert generation.busy
     await generation.stop()
