@@ -322,7 +322,7 @@ class EnginePool:
         if len(statuses) == 1:
             return statuses[0]
         answering = [s for s in statuses if s.reachable]
-        found = [s.model_available for s in answering]
+        found = [s.model_available for s in answering if s.model_available is not None]
         return EngineStatus(
             reachable=bool(answering),
             detail=f"{len(answering)} of {len(statuses)} upstreams answer",
