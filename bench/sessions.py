@@ -31,7 +31,11 @@ any service that had to be killed after SIGTERM.
    expired), with 1,000 sessions open, after their sockets closed (per detached session,
    beside the same sessions while attached), and once they have expired (/health polled until
    the store holds none); then two more waves of 1,000 the same way, to tell memory that the
-   allocators keep for reuse from a leak.
+   allocators keep for reuse from a leak. All of it twice: with CPython's default allocator
+   (pymalloc, whose 1 MiB arenas go back to the kernel only once every object in them is
+   freed) and with PYTHONMALLOC=malloc (glibc's malloc for everything, which the sweeper's
+   malloc_trim returns; what the Docker images run), and what malloc costs the hot path: two
+   services on one fake, 3,000-token replies alternately, tokens/s and CPU per token.
 
 `--quick` runs small counts in well under a minute, for CI. The exit status is non-zero only
 when something failed to run; a missed goal is reported, not failed.
@@ -79,6 +83,9 @@ RESUME_GOAL_MS = 20.0
 SWEEP_S = 5.0  # the registry's sweeper period, at most
 STOP_LIMIT_S = 5.0  # ample for a service with LLM_SHUTDOWN_GRACE_S=1 and no socket left
 MIB = 1024.0
+# scenario 3: CPython's own small-object allocator (the default), and glibc's malloc for
+# everything, which the sweeper's malloc_trim can hand back to the kernel
+ALLOCATORS: dict[str, dict[str, str]] = {"pymalloc": {}, "malloc": {"PYTHONMALLOC": "malloc"}}
 
 
 @dataclass(frozen=True)
@@ -403,10 +410,19 @@ class Wave:
 
 
 async def detached_sessions(plan: Plan, logs: Path, report: Report) -> None:
+    for allocator, env in ALLOCATORS.items():
+        before, waves = await detached_waves(plan, logs, report, env)
+        report_detached(plan, allocator, before, waves, report)
+    await allocator_cost(plan, logs, report)
+
+
+async def detached_waves(
+    plan: Plan, logs: Path, report: Report, env: dict[str, str]
+) -> tuple[int, list[Wave]]:
     async with contextlib.AsyncExitStack() as stack:
         fake = keep(stack, start_fake(logs), report)
         settings = {"LLM_SESSION_STORE": "memory", "LLM_SESSION_TTL_S": f"{plan.ttl_s:g}"}
-        service = start(stack, report, logs, fake, **settings).proc
+        service = start(stack, report, logs, fake, **settings, **env).proc
         http = httpx.AsyncClient(base_url=service.http, timeout=5)
         stack.push_async_callback(http.aclose)
         warm = await sc.open_sessions(service.ws, 5)  # warm-up: a turn each, then detach
@@ -417,8 +433,38 @@ async def detached_sessions(plan: Plan, logs: Path, report: Report) -> None:
         await held(http, lambda sessions, _: sessions == 0, plan.ttl_s + SWEEP_S + 10)
         await asyncio.sleep(0.5)
         before = service.rss_kib()
-        waves = [await wave(plan, service, http) for _ in range(plan.waves)]
-    report_detached(plan, before, waves, report)
+        return before, [await wave(plan, service, http) for _ in range(plan.waves)]
+
+
+async def allocator_cost(plan: Plan, logs: Path, report: Report) -> None:
+    """What PYTHONMALLOC=malloc costs the hot path: two services on one fake, alternately."""
+    async with contextlib.AsyncExitStack() as stack:
+        fake = keep(stack, start_fake(logs), report)
+        services = {
+            allocator: start(stack, report, logs, fake, LLM_SESSION_STORE="memory", **env).proc
+            for allocator, env in ALLOCATORS.items()
+        }
+        order = tuple(services)
+        rates: dict[str, list[float]] = {a: [] for a in order}
+        cpu = dict.fromkeys(order, 0.0)
+        for proc in services.values():  # warm-up
+            await sc.ws_stream(proc.ws, plan.stream_tokens)
+        for r in range(plan.stream_rounds):
+            for allocator in order if r % 2 == 0 else order[::-1]:
+                proc = services[allocator]
+                before = proc.cpu_seconds()
+                rates[allocator].append((await sc.ws_stream(proc.ws, plan.stream_tokens))
+                                        .tokens_per_second)  # fmt: skip
+                cpu[allocator] += proc.cpu_seconds() - before
+    got, base = median(rates["malloc"]), median(rates["pymalloc"])
+    us = {a: cpu[a] / (plan.stream_tokens * plan.stream_rounds) * 1e6 for a in order}
+    report.rows += [
+        Row("3 detached", f"what malloc costs: tokens/s, {plan.stream_tokens}-token reply "
+            f"(median of {plan.stream_rounds}), PYTHONMALLOC=malloc (baseline: pymalloc)",
+            got, base, f"{got / base:.2f}x", digits=0),
+        Row("3 detached", "what malloc costs: CPU us per token in the service", us["malloc"],
+            us["pymalloc"], f"{us['malloc'] / us['pymalloc']:.2f}x"),
+    ]  # fmt: skip
 
 
 async def wave(plan: Plan, service: Proc, http: httpx.AsyncClient) -> Wave:
@@ -456,38 +502,42 @@ async def held(
         ) from exc
 
 
-def report_detached(plan: Plan, before: int, waves: list[Wave], report: Report) -> None:
+def report_detached(
+    plan: Plan, allocator: str, before: int, waves: list[Wave], report: Report
+) -> None:
     n, first = plan.detached, waves[0]
     per_detached = (first.detached - before) / n
     per_attached = (first.attached - before) / n
     left = (first.expired - before) / MIB
     sweep = min(SWEEP_S, plan.ttl_s)
     longest = max(w.expiry_s for w in waves)
+    name = "pymalloc: " if allocator == "pymalloc" else "PYTHONMALLOC=malloc: "
     report.rows += [
-        Row("3 detached", f"RSS MiB with {n:,} sessions detached (baseline: before they were "
+        Row("3 detached", f"{name}RSS MiB with {n:,} sessions detached (baseline: before they were "
             "opened)", first.detached / MIB, before / MIB,
             f"{(first.detached - before) / MIB:+.1f} MiB"),
-        Row("3 detached", f"KiB RSS per detached session (baseline: the same {n:,} while "
+        Row("3 detached", f"{name}KiB RSS per detached session (baseline: the same {n:,} while "
             "attached)", per_detached, per_attached,
             f"{per_detached / per_attached:.2f}x" if per_attached > 0 else ""),
-        Row("3 detached", f"RSS MiB once they expired, TTL {plan.ttl_s:g} s (baseline: before)",
+        Row("3 detached", f"{name}RSS MiB once they expired, TTL {plan.ttl_s:g} s (baseline: "
+            "before)",
             first.expired / MIB, before / MIB, f"{left:+.1f} MiB", "< +5 MiB", left < 5),
-        Row("3 detached", f"s from the sockets' close to none left (TTL {plan.ttl_s:g} s, "
+        Row("3 detached", f"{name}s from the sockets' close to none left (TTL {plan.ttl_s:g} s, "
             f"sweep every {sweep:g} s), longest of {len(waves)} waves", longest, "-",
             goal=f"<= {plan.ttl_s + sweep + 0.5:g} s", met=longest <= plan.ttl_s + sweep + 0.5),
     ]  # fmt: skip
     if len(waves) > 1:
         last, i = waves[-1], len(waves)
         report.rows += [
-            Row("3 detached", f"RSS MiB with wave {i} of {n:,} detached (baseline: wave 1)",
+            Row("3 detached", f"{name}RSS MiB with wave {i} of {n:,} detached (baseline: wave 1)",
                 last.detached / MIB, first.detached / MIB,
                 f"{(last.detached - first.detached) / MIB:+.1f} MiB"),
-            Row("3 detached", f"RSS MiB once wave {i} expired (baseline: once wave 1 had)",
+            Row("3 detached", f"{name}RSS MiB once wave {i} expired (baseline: once wave 1 had)",
                 last.expired / MIB, first.expired / MIB,
                 f"{(last.expired - first.expired) / MIB:+.1f} MiB"),
         ]  # fmt: skip
     report.notes.append(
-        "3: RSS MiB per wave (attached, detached, expired; expiry s): "
+        f"3: {allocator}: RSS MiB per wave (attached, detached, expired; expiry s): "
         + "; ".join(
             f"{w.attached / MIB:.1f}, {w.detached / MIB:.1f}, {w.expired / MIB:.1f}; "
             f"{w.expiry_s:.1f} s"
@@ -507,7 +557,8 @@ def render(report: Report) -> str:
         (
             "1: measured sessions that missed a long reply, baseline ones that missed a short "
             "one. 2: measured LLM_SESSION_STORE=redis, baseline memory. 3: RSS as the kernel "
-            "counts it: what the service frees but its allocators keep for reuse still counts."
+            "counts it: what the service frees but its allocators keep for reuse still counts; "
+            "the cost of malloc: measured PYTHONMALLOC=malloc, baseline pymalloc."
         ),
     )
 

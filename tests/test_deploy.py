@@ -307,7 +307,7 @@ def test_every_base_image_has_a_pinned_tag(dockerfile_name: str) -> None:
         assert colon and "/" not in tag and tag != "latest", f"{image} is not pinned to a tag"
 
 
-def test_final_stage_runs_unprivileged_and_unbuffered(dockerfile_name: str) -> None:
+def test_final_stage_runs_unprivileged_unbuffered_on_malloc(dockerfile_name: str) -> None:
     final = stages(dockerfile(dockerfile_name))[-1]
     users = [i.args for i in final if i.keyword == "USER"]
     assert users, "the final stage sets no USER: it would run as root"
@@ -317,6 +317,7 @@ def test_final_stage_runs_unprivileged_and_unbuffered(dockerfile_name: str) -> N
         if instruction.keyword == "ENV":
             env |= env_pairs(instruction)
     assert env.get("PYTHONUNBUFFERED") == "1"
+    assert env.get("PYTHONMALLOC") == "malloc"  # expired sessions' memory is handed back
     assert (env.get("LLM_PORT"), env.get("LLM_MONITORING_PORT")) == ("8000", "9092")
     exposed = {i.args for i in final if i.keyword == "EXPOSE"}
     assert exposed == {"8000 9092"}
