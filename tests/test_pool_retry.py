@@ -19,7 +19,7 @@ from llm_service.backends.base import (
     StreamEnd,
     StreamItem,
 )
-from llm_service.backends.pool import EnginePool, RetryPolicy, Upstream
+from llm_service.backends.pool import EnginePool, Homes, RetryPolicy, Upstream
 from llm_service.breaker import CircuitBreaker
 from llm_service.errors import (
     CircuitOpen,
@@ -207,6 +207,23 @@ async def test_the_backoff_is_capped() -> None:
     assert len(engine.calls) == 2
 
 
+def test_the_backoff_doubles_each_round_up_to_its_cap() -> None:
+    policy = RetryPolicy(backoff_s=0.25, max_backoff_s=2.0)
+    assert [policy.backoff(rounds) for rounds in range(6)] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
+
+
+async def test_a_backoff_that_would_end_past_the_deadline_is_not_waited() -> None:
+    """The wait drawn (below 10^6 s) all but surely ends past the 1 s deadline: the turn
+    fails at once with the engine's error rather than sleeping into the deadline."""
+    engine = Engine("a")
+    pool = pool_of([engine], RetryPolicy(attempts=3, backoff_s=1e6, max_backoff_s=1e6,
+                                         deadline_s=1.0))  # fmt: skip
+    engine.script.extend(failing(UpstreamUnavailable("refused")))
+    with pytest.raises(UpstreamUnavailable):
+        await reply(pool)
+    assert len(engine.calls) == 1
+
+
 async def test_no_retry_waits_past_the_deadline() -> None:
     engine = Engine("a")
     policy = RetryPolicy(attempts=100, backoff_s=0.02, max_backoff_s=0.02, deadline_s=0.2)
@@ -323,19 +340,25 @@ async def test_a_failure_mid_stream_is_counted_and_not_retried() -> None:
     assert [u.inflight for u in pool.upstreams] == [0, 0]
 
 
-async def test_a_reply_counts_in_flight_until_it_is_closed() -> None:
+async def test_each_reply_counts_in_flight_until_it_is_closed() -> None:
     engine = Engine("a")
     pool = pool_of([engine])
     gate = asyncio.Event()
     engine.script.append(Scripted(["one", "two"], gate=gate))
+    engine.script.append(Scripted(["uno", "dos"], gate=gate))
     stream = pool.stream_chat(request())
     assert await anext(stream) == "one"
     assert pool.upstreams[0].inflight == 1
-    assert gauge(pool, "upstream_in_flight", "a") == 1
+    second = pool.stream_chat(request("session-2"))
+    assert await anext(second) == "uno"
+    assert pool.upstreams[0].inflight == 2
+    assert gauge(pool, "upstream_in_flight", "a") == 2
     await stream.aclose()  # the client went away
+    assert pool.upstreams[0].inflight == 1
+    await second.aclose()
     assert pool.upstreams[0].inflight == 0
-    assert engine.closed_streams == 1
-    assert requests(pool, "cancelled", "a") == 1
+    assert engine.closed_streams == 2
+    assert requests(pool, "cancelled", "a") == 2
     assert requests(pool, "success", "a") == 0
 
 
@@ -377,6 +400,18 @@ async def test_a_half_open_breaker_admits_one_probe_and_others_go_elsewhere() ->
 
 
 # --- routing ----------------------------------------------------------------------------------
+
+
+def test_a_session_is_forgotten_the_moment_it_has_been_idle_for_the_limit() -> None:
+    clock = FakeClock()
+    homes = Homes(["a", "b"], idle_s=10.0, clock=clock)
+    homes.home("s1", ["a", "b"])
+    clock.now += 5.0
+    homes.home("s2", ["b", "a"])
+    assert len(homes) == 2
+    clock.now += 5.0  # s1: idle for exactly 10 s (whole numbers: exact in floating point)
+    homes.home("s2", ["b", "a"])
+    assert len(homes) == 1 and homes.counts == {"a": 0, "b": 1}
 
 
 def test_the_least_busy_upstream_serves_when_the_own_one_cannot_and_ties_go_by_rank() -> None:

@@ -75,6 +75,10 @@ class RetryPolicy:
     max_backoff_s: float = 2.0
     deadline_s: float = 10.0
 
+    def backoff(self, rounds: int) -> float:
+        """The longest wait after `rounds` rounds of retries (full jitter draws below it)."""
+        return min(self.max_backoff_s, self.backoff_s * 2**rounds)
+
 
 class Upstream:
     """One engine of a pool: its breaker, its replies in flight, its last probe."""
@@ -259,10 +263,9 @@ class EnginePool:
             if upstream is None:  # every upstream tried, or none admits a call
                 if last is None:
                     raise self._all_open()
-                if not transient or attempts >= policy.attempts:
+                if not transient:  # (the attempt that used up the last one raised already)
                     raise last
-                cap = min(policy.max_backoff_s, policy.backoff_s * 2**rounds)
-                wait = random.uniform(0, cap)
+                wait = random.uniform(0, policy.backoff(rounds))
                 if loop.time() + wait > give_up_at:
                     raise last
                 rounds += 1
