@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import structlog
@@ -73,11 +74,11 @@ def pool_of(
     *,
     threshold: int = 5,
     clock: FakeClock | None = None,
-    **options: float,
+    **options: Any,
 ) -> EnginePool:
     clock = clock or FakeClock()
     upstreams = [Upstream(e, e.label, CircuitBreaker(threshold, 15.0, clock)) for e in engines]
-    return EnginePool(upstreams, retry, Telemetry(), **options)  # type: ignore[arg-type]
+    return EnginePool(upstreams, retry, Telemetry(), **options)
 
 
 def request(affinity: str = "session-1") -> ChatRequest:
@@ -212,12 +213,27 @@ def test_the_backoff_doubles_each_round_up_to_its_cap() -> None:
     assert [policy.backoff(rounds) for rounds in range(6)] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
 
 
-async def test_a_backoff_that_would_end_past_the_deadline_is_not_waited() -> None:
-    """The wait drawn (below 10^6 s) all but surely ends past the 1 s deadline: the turn
-    fails at once with the engine's error rather than sleeping into the deadline."""
+async def test_each_round_of_retries_waits_below_a_doubled_bound() -> None:
+    bounds: list[tuple[float, float]] = []
+
+    def jitter(low: float, high: float) -> float:
+        bounds.append((low, high))
+        return 0.0
+
     engine = Engine("a")
-    pool = pool_of([engine], RetryPolicy(attempts=3, backoff_s=1e6, max_backoff_s=1e6,
-                                         deadline_s=1.0))  # fmt: skip
+    policy = RetryPolicy(attempts=5, backoff_s=1.0, max_backoff_s=100.0)
+    pool = pool_of([engine], policy, jitter=jitter)
+    engine.script.extend(failing(*(UpstreamUnavailable("refused") for _ in range(3))))
+    assert (await reply(pool))[0] == "ok"
+    assert bounds == [(0.0, 1.0), (0.0, 2.0), (0.0, 4.0)]
+
+
+async def test_a_backoff_that_would_end_past_the_deadline_is_not_waited() -> None:
+    """The wait drawn (1,000 s) would end past the 1 s deadline: the turn fails at once with
+    the engine's error instead of sleeping (past the test's 10 s limit)."""
+    engine = Engine("a")
+    policy = RetryPolicy(attempts=3, backoff_s=1000.0, max_backoff_s=1000.0, deadline_s=1.0)
+    pool = pool_of([engine], policy, jitter=lambda low, high: high)
     engine.script.extend(failing(UpstreamUnavailable("refused")))
     with pytest.raises(UpstreamUnavailable):
         await reply(pool)

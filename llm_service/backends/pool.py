@@ -77,7 +77,7 @@ class RetryPolicy:
 
     def backoff(self, rounds: int) -> float:
         """The longest wait after `rounds` rounds of retries (full jitter draws below it)."""
-        return min(self.max_backoff_s, self.backoff_s * 2**rounds)
+        return min(self.max_backoff_s, self.backoff_s * 2.0**rounds)
 
 
 class Upstream:
@@ -191,6 +191,7 @@ class EnginePool:
         max_inflight: int = 0,
         probe_interval_s: float = 10.0,
         session_idle_s: float = 900.0,
+        jitter: Callable[[float, float], float] = random.uniform,
     ) -> None:
         assert upstreams, "a pool has at least one upstream"
         first = upstreams[0].backend
@@ -205,6 +206,7 @@ class EnginePool:
         self._telemetry = telemetry
         self._max_inflight = max_inflight
         self._probe_interval_s = probe_interval_s
+        self._jitter = jitter  # a wait between its two bounds: full jitter
         self._prober: asyncio.Task[None] | None = None
         self.homes = Homes([u.label for u in self.upstreams], session_idle_s)
         self._by_label = {u.label: u for u in self.upstreams}
@@ -265,7 +267,7 @@ class EnginePool:
                     raise self._all_open()
                 if not transient:  # (the attempt that used up the last one raised already)
                     raise last
-                wait = random.uniform(0, policy.backoff(rounds))
+                wait = self._jitter(0.0, policy.backoff(rounds))
                 if loop.time() + wait > give_up_at:
                     raise last
                 rounds += 1
