@@ -276,13 +276,13 @@ class EnginePool:
                 transient = False
                 continue
             tried.add(upstream)
+            # `_next` hands out only an upstream whose breaker admits a call, and nothing runs
+            # between that and `open`'s `before_call`: every attempt reaches its engine.
             try:
                 if attempts:
                     self._telemetry.upstream_retried(upstream.label)
                 attempts += 1
                 return upstream, *await upstream.open(request, self._telemetry)
-            except CircuitOpen:
-                attempts -= 1  # it never reached the engine
             except EngineError as exc:
                 last = exc
                 transient = transient or isinstance(exc, UpstreamUnavailable)
