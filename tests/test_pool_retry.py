@@ -470,6 +470,7 @@ def test_a_pool_reads_as_its_first_engine_and_calls_tools_only_if_all_can() -> N
 def test_health_and_metrics_read_each_upstreams_state() -> None:
     pool = pool_of([Engine("a"), Engine("b")], threshold=1)
     a, b = pool.upstreams
+    assert [s["detail"] for s in pool.snapshot()] == ["not probed yet"] * 2
     pool._ranked("session-1")
     a.breaker.record_failure()
     b.healthy = False
