@@ -457,9 +457,12 @@ def test_a_pool_reads_as_its_first_engine_and_calls_tools_only_if_all_can() -> N
     a, b = Engine("a"), Engine("b")
     b.calls_tools = False
     a.model = "m1"
+    a.context_limit = 4096
+    a.sampling_defaults = {"temperature": 0.6}
     pool = pool_of([a, b])
     assert (pool.name, pool.model, pool.label) == ("fake", "m1", "2 upstreams")
     assert pool.calls_tools is False
+    assert pool.context_limit == 4096 and pool.sampling_defaults == {"temperature": 0.6}
     assert pool_of([a]).label == "a" and pool_of([a]).calls_tools is True
     c = Engine("c")
     c._tokens_per_char = 0.5
