@@ -112,6 +112,13 @@ def healthy(pool: EnginePool) -> list[bool]:
     return [u.healthy for u in pool.upstreams]
 
 
+def two_engines(retry: RetryPolicy = FAST, **options: Any) -> tuple[EnginePool, Engine, Engine]:
+    """A pool of engines a and b, and both in the order session-1 tries them."""
+    pool = pool_of([Engine("a"), Engine("b")], retry, **options)
+    own, other = in_order(pool)
+    return pool, own, other
+
+
 def in_order(pool: EnginePool, affinity: str = "session-1") -> list[Engine]:
     """The engines in the order this session tries them (its home first)."""
     return [u.backend for u in pool._ranked(affinity)]  # type: ignore[misc]
@@ -121,9 +128,7 @@ def in_order(pool: EnginePool, affinity: str = "session-1") -> list[Engine]:
 
 
 async def test_a_transient_failure_on_every_upstream_is_tried_again_after_a_backoff() -> None:
-    engines = [Engine("a"), Engine("b")]
-    pool = pool_of(engines)
-    own, other = in_order(pool)
+    pool, own, other = two_engines()
     own.script.extend(failing(UpstreamUnavailable("refused")))
     other.script.extend(failing(UpstreamUnavailable("refused")))
     items = await reply(pool)
@@ -147,9 +152,7 @@ async def test_attempts_bound_the_calls_to_the_engines() -> None:
 
 
 async def test_one_attempt_means_no_failover() -> None:
-    engines = [Engine("a"), Engine("b")]
-    pool = pool_of(engines, RetryPolicy(attempts=1))
-    own, other = in_order(pool)
+    pool, own, other = two_engines(RetryPolicy(attempts=1))
     own.script.extend(failing(UpstreamUnavailable("refused")))
     with pytest.raises(UpstreamUnavailable):
         await reply(pool)
@@ -163,9 +166,7 @@ async def test_a_failure_another_engine_may_not_share_fails_over_once_and_no_mor
     error: EngineError,
 ) -> None:
     """Not transient: each upstream is tried once, then the last failure is the answer."""
-    engines = [Engine("a"), Engine("b")]
-    pool = pool_of(engines)
-    own, other = in_order(pool)
+    pool, own, other = two_engines()
     own.script.extend(failing(error))
     other.script.extend(failing(type(error)("the other one failed too")))
     with pytest.raises(type(error), match="the other one"):
@@ -175,9 +176,7 @@ async def test_a_failure_another_engine_may_not_share_fails_over_once_and_no_mor
 
 
 async def test_one_transient_failure_in_a_round_earns_the_round_a_retry() -> None:
-    engines = [Engine("a"), Engine("b")]
-    pool = pool_of(engines)
-    own, other = in_order(pool)
+    pool, own, other = two_engines()
     own.script.extend(failing(UpstreamUnavailable("refused")))
     other.script.extend(failing(UpstreamTimeout("slow")))
     assert (await reply(pool))[0] == "ok"
@@ -186,9 +185,7 @@ async def test_one_transient_failure_in_a_round_earns_the_round_a_retry() -> Non
 
 @pytest.mark.parametrize("error", [UpstreamRejected("400: bad request"), EngineBusy("queue")])
 async def test_refused_requests_are_not_failed_over_and_busy_ones_are(error: EngineError) -> None:
-    engines = [Engine("a"), Engine("b")]
-    pool = pool_of(engines)
-    own, other = in_order(pool)
+    pool, own, other = two_engines()
     own.script.extend(failing(error))
     if isinstance(error, UpstreamRejected):
         with pytest.raises(UpstreamRejected):
@@ -255,9 +252,7 @@ async def test_no_retry_waits_past_the_deadline() -> None:
 
 async def test_a_failure_after_the_deadline_ends_the_turn_with_it() -> None:
     """The deadline has passed when the first upstream fails: the second is not tried."""
-    engines = [Engine("a"), Engine("b")]
-    pool = pool_of(engines, RetryPolicy(attempts=3, deadline_s=0.05))
-    own, other = in_order(pool)
+    pool, own, other = two_engines(RetryPolicy(attempts=3, deadline_s=0.05))
     slow = asyncio.Event()
     own.script.append(Scripted([], error=UpstreamTimeout("slow"), before=slow))
     asyncio.get_running_loop().call_later(0.1, slow.set)
@@ -341,9 +336,7 @@ async def test_a_success_resets_the_breakers_count() -> None:
 
 
 async def test_a_failure_mid_stream_is_counted_and_not_retried() -> None:
-    engines = [Engine("a"), Engine("b")]
-    pool = pool_of(engines)
-    own, other = in_order(pool)
+    pool, own, other = two_engines()
     own.script.append(Scripted(["Hel"], error=UpstreamError("engine crashed")))
     seen: list[StreamItem] = []
     with pytest.raises(UpstreamError):
@@ -397,9 +390,7 @@ async def test_a_turn_cancelled_before_the_first_item_closes_the_engines_stream(
 
 async def test_a_half_open_breaker_admits_one_probe_and_others_go_elsewhere() -> None:
     clock = FakeClock()
-    engines = [Engine("a"), Engine("b")]
-    pool = pool_of(engines, threshold=1, clock=clock)
-    own, other = in_order(pool)
+    pool, own, other = two_engines(threshold=1, clock=clock)
     home = pool._by_label[own.label]
     home.breaker.record_failure()
     clock.now += 15.0  # due for a probe
