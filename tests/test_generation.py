@@ -126,6 +126,19 @@ def conversation(backend: FakeBackend) -> Conversation:
     return Conversation("s1", config, backend, 8192, Telemetry())
 
 
+def paused_after_the_first_chunk(
+    *chunks: str,
+) -> tuple[FakeBackend, asyncio.Event, FakeSession, FakeSocket]:
+    """An engine whose reply sends its first chunk, then waits for the gate returned before
+    the next; and a session attached to a socket."""
+    gate = asyncio.Event()
+    backend = FakeBackend()
+    backend.script.append(Scripted(list(chunks), gate=gate))
+    session, socket = FakeSession(), FakeSocket()
+    session.attach(socket)
+    return backend, gate, session, socket
+
+
 def reply(
     session: Streamed, telemetry: Telemetry | None = None, send_timeout_s: float = 30.0
 ) -> Generation:
@@ -248,11 +261,7 @@ async def test_a_client_that_stops_reading_is_told_through_its_socket() -> None:
 async def test_the_send_deadline_counts_only_time_spent_sending() -> None:
     """The engine pausing between tokens for longer than LLM_SEND_TIMEOUT_S is not the
     client failing to read: only a send in progress is timed."""
-    gate = asyncio.Event()
-    backend = FakeBackend()
-    backend.script.append(Scripted(["a", "b"], gate=gate))
-    session, socket = FakeSession(), FakeSocket()
-    session.attach(socket)
+    backend, gate, session, socket = paused_after_the_first_chunk("a", "b")
     generation = reply(session, send_timeout_s=0.05)
     generation.start(conversation(backend).start_turn("Hi"))
 
@@ -356,11 +365,7 @@ async def test_settle_waits_for_a_finished_turn_to_send_its_last_frame() -> None
 
 
 async def test_settle_does_not_wait_for_a_reply_still_streaming() -> None:
-    gate = asyncio.Event()
-    backend = FakeBackend()
-    backend.script.append(Scripted(["a", "b"], gate=gate))
-    session, socket = FakeSession(), FakeSocket()
-    session.attach(socket)
+    backend, _, session, socket = paused_after_the_first_chunk("a", "b")
     generation = reply(session)
     generation.start(conversation(backend).start_turn("Hi"))
     await backend.asked.wait()
@@ -399,11 +404,7 @@ async def test_cancel_with_no_reply_streaming_says_none_ran() -> None:
 
 
 async def test_cancel_stops_the_reply_then_says_what_was_sent() -> None:
-    gate = asyncio.Event()
-    backend = FakeBackend()
-    backend.script.append(Scripted(["a", "b", "c"], gate=gate))
-    session, socket = FakeSession(), FakeSocket()
-    session.attach(socket)
+    backend, _, session, socket = paused_after_the_first_chunk("a", "b", "c")
     telemetry = Telemetry()
     generation = reply(session, telemetry)
     conv = conversation(backend)
@@ -429,11 +430,7 @@ async def test_cancel_stops_the_reply_then_says_what_was_sent() -> None:
 
 
 async def test_stop_returns_once_the_engine_request_is_closed() -> None:
-    gate = asyncio.Event()
-    backend = FakeBackend()
-    backend.script.append(Scripted(["a", "b"], gate=gate))
-    session, socket = FakeSession(), FakeSocket()
-    session.attach(socket)
+    backend, _, session, socket = paused_after_the_first_chunk("a", "b")
     generation = reply(session)
     conv = conversation(backend)
     generation.start(conv.start_turn("Hi"))
