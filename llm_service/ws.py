@@ -299,19 +299,27 @@ class Connection:
         self.registry.forget(fresh)
         target.attach(self)
         replay = frames or []
-        last = target.log.last  # the replay covers (last_seq, last]; later frames come live
-        if replay:
-            last = replay[-1][0]
+        # The replay covers (last_seq, last]; the frames after it come as they would live.
+        # Not `target.log.last` after an empty replay: a reply followed from another replica
+        # may have added frames to the log since the replay was read, and they come next.
+        if frames is None:  # a gap: the numbering goes on from the last frame numbered
+            last = target.log.last
+        elif frames:
+            last = frames[-1][0]
+        else:
+            last = frame.last_seq
         await self.ws.send_text(
             protocol.session_resumed(target.id, last, len(replay), target.generating)
         )
-        for seq, text in replay:
-            await self.ws.send_text(text)
-            target.log.delivered = seq
-        while more := target.log.after(last):  # what came while the replay was sent
-            for seq, text in more:
+        batch = replay
+        while True:  # the replay, then what came while it was being sent
+            for seq, text in batch:
                 await self.ws.send_text(text)
                 target.log.delivered = last = seq
+            more = target.log.after(last)
+            if not more:
+                break
+            batch = more
         target.go_live()  # no await since the last check: nothing can slip in between
         log.info("session_resumed", replayed=len(replay), gap=frames is None)
         if frames is None:

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import websockets
+from structlog.testing import capture_logs
 
 from tests.fakes.ollama import FakeOllama, Reply
 from tests.process import service_process
-from tests.support import Client, RunningService, make_settings, running_service, tokens_of
+from tests.support import (
+    Client,
+    RunningService,
+    make_settings,
+    poll,
+    running_service,
+    tokens_of,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -84,15 +94,73 @@ async def test_a_reply_goes_on_through_a_dropped_socket_and_is_replayed_exactly(
         second = await service.connect()
         await second.start()
         assert first.resume_token is not None
-        resumed = await second.resume(session_id, first.resume_token, seen)
-        assert resumed["type"] == "session_resumed" and resumed["seq"] >= seen
-        rest = await second.recv_until("response_complete")
+        with capture_logs() as logs:
+            resumed = await second.resume(session_id, first.resume_token, seen)
+            assert resumed["type"] == "session_resumed" and resumed["seq"] >= seen
+            rest = await second.recv_until("response_complete")
         assert resumed["replayed"] == resumed["seq"] - seen
+        said = [e for e in logs if e["event"] == "session_resumed"]
+        assert said == [
+            {
+                "event": "session_resumed",
+                "replayed": resumed["replayed"],
+                "gap": False,
+                "log_level": "info",
+            }
+        ]
         # every frame once, in order: the client's seq check passed on both sockets
         assert tokens_of(before) + tokens_of(rest) == WORDS
         history = await second.history()
         assert history[-1] == {"role": "assistant", "content": "".join(WORDS), "status": "complete"}
         await second.close()
+
+
+async def test_frames_made_while_the_replay_is_sent_follow_it_in_order(
+    fake_ollama: FakeOllama,
+) -> None:
+    # 24 frames of 1 MiB: more than the kernel buffers between the service and a client that
+    # reads slowly hold, so the replay waits on the client while the reply goes on
+    big = [f"{i:02d}" + "x" * (2**20 - 2) for i in range(24)]
+    rest = [f" r{i}" for i in range(8)]
+    release = asyncio.Event()
+    fake_ollama.script(Reply(chunks=big + rest, gate=release, gate_at=len(big)))
+    async with running_service(resumable(fake_ollama, llm_resume_grace_s=30)) as service:
+        first = await service.connect(max_size=None)
+        session_id = await first.start()
+        await first.send({"type": "user_message", "text": "count"})
+        assert tokens_of([await first.recv()]) == big[:1]
+        seen = first.last_seq
+        first.ws.transport.abort()
+        upstream = await fake_ollama.wait_chats(1)
+        await poll_until(lambda: upstream.chunks_sent == len(big))
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", service.port))
+        ws = await websockets.connect(service.ws_url, sock=sock, max_size=None, max_queue=1)
+        second = Client(ws)
+        await second.start()
+        assert first.resume_token is not None
+        resumed = await second.resume(session_id, first.resume_token, seen)
+        assert resumed["generating"] is True and resumed["seq"] - resumed["replayed"] == seen
+        release.set()  # the rest of the reply is made while the replay waits on the client
+
+        async def upstream_done() -> bool:
+            health = (await service.get("/health")).json()
+            return bool(health["upstreams"][0]["in_flight"] == 0)
+
+        await poll(upstream_done, limit=10)
+        frames = await second.recv_until("response_complete", limit=30)
+        # each frame once, in order (the client checks every seq), the replay's then the rest
+        assert tokens_of(frames) == big[1:] + rest
+        await second.close()
+
+
+async def poll_until(check: Callable[[], bool], limit: float = 10.0) -> None:
+    async def checked() -> bool:
+        return check()
+
+    await poll(checked, limit)
 
 
 async def test_without_grace_a_dropped_reply_is_cancelled_and_stored_interrupted(
@@ -171,10 +239,19 @@ async def test_frames_no_longer_held_are_a_resume_gap(fake_ollama: FakeOllama) -
         second = await service.connect()
         await second.start()
         assert first.resume_token is not None
-        resumed = await second.resume(session_id, first.resume_token, 0)
-        assert resumed["type"] == "session_resumed" and resumed["replayed"] == 0
-        gap = await second.recv()
+        with capture_logs() as logs:
+            resumed = await second.resume(session_id, first.resume_token, 0)
+            assert resumed["type"] == "session_resumed" and resumed["replayed"] == 0
+            gap = await second.recv()
         assert gap["error"]["code"] == "resume_gap" and gap["error"]["recoverable"] is True
+        assert gap["error"]["message"] == (
+            "frames after seq 0 are no longer held; the session is attached: "
+            "resynchronise with get_history"
+        )
+        said = [e for e in logs if e["event"] == "session_resumed"]
+        assert said == [
+            {"event": "session_resumed", "replayed": 0, "gap": True, "log_level": "info"}
+        ]
         history = await second.history()  # attached all the same: resynchronise
         assert history[-1]["content"] == "".join(WORDS)
         await second.close()
@@ -242,7 +319,12 @@ async def test_resume_is_only_a_first_frame(service: RunningService) -> None:
     await second.turn("hello")
     assert first.resume_token is not None
     error = await second.resume(session_id, first.resume_token, 0)
-    assert error["error"]["code"] == "invalid_message"
+    assert error["error"] == {
+        "code": "invalid_message",
+        "message": "resume must be the first frame on a new connection",
+        "severity": "low",
+        "recoverable": True,
+    }
     await first.close()
     await second.close()
 
