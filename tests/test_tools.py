@@ -389,10 +389,13 @@ async def test_results_for_unknown_or_missing_calls_change_nothing(
     await configured(client, [CLOCK])
     await client.turn("Time?")
     before = await client.history()
-    for results in ([{"id": "t2", "content": "?"}], [{"id": "t1", "content": "?"}] * 2):
-        await client.send({"type": "tool_result", "results": results})
+    for n, results in enumerate(
+        ([{"id": "t2", "content": "?"}], [{"id": "t1", "content": "?"}] * 2)
+    ):
+        await client.send({"type": "tool_result", "results": results, "response_id": f"f{n}"})
         answer = await client.recv()
         assert answer["error"]["code"] == "invalid_message", answer
+        assert answer["response_id"] == f"f{n}"  # the refusal names the reply it refused
         assert await client.history() == before
     assert len(fake_ollama.chats) == 1
     await client.close()

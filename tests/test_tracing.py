@@ -4,106 +4,18 @@ real OTLP/HTTP endpoint on 127.0.0.1, and the trace carried on to the engine's r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiohttp import web
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from tests.fakes.ollama import FakeOllama, Reply
 from tests.fakes.openai import FakeOpenAI
+from tests.fakes.otlp import Collector
 from tests.support import Client, make_settings, running_service, tokens_of
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
-
-
-@dataclass
-class Span:
-    name: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    kind: int
-    start_ns: int
-    end_ns: int
-    status: int  # 0 unset, 1 ok, 2 error
-    attributes: dict[str, Any]
-
-
-@dataclass
-class Collector:
-    """An OTLP/HTTP traces endpoint: `POST /v1/traces` with a protobuf body."""
-
-    url: str = ""
-    spans: list[Span] = field(default_factory=list)
-    requests: int = 0
-    resource: dict[str, Any] = field(default_factory=dict)
-
-    async def receive(self, request: web.Request) -> web.Response:
-        assert request.content_type == "application/x-protobuf"
-        export = ExportTraceServiceRequest.FromString(await request.read())
-        self.requests += 1
-        for resource_spans in export.resource_spans:
-            self.resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
-            for scope in resource_spans.scope_spans:
-                for s in scope.spans:
-                    self.spans.append(
-                        Span(
-                            s.name,
-                            s.trace_id.hex(),
-                            s.span_id.hex(),
-                            s.parent_span_id.hex(),
-                            s.kind,
-                            s.start_time_unix_nano,
-                            s.end_time_unix_nano,
-                            s.status.code,
-                            {a.key: _value(a.value) for a in s.attributes},
-                        )
-                    )
-        body = ExportTraceServiceResponse().SerializeToString()
-        return web.Response(body=body, content_type="application/x-protobuf")
-
-    def turns(self) -> list[Span]:
-        return [s for s in self.spans if s.name == "turn"]
-
-    def children(self, root: Span) -> dict[str, list[Span]]:
-        found: dict[str, list[Span]] = {}
-        for s in self.spans:
-            if s.parent_id == root.span_id:
-                found.setdefault(s.name, []).append(s)
-        return found
-
-
-def _value(value: AnyValue) -> Any:
-    kind = value.WhichOneof("value")
-    if kind == "array_value":
-        return [_value(v) for v in value.array_value.values]
-    return getattr(value, kind) if kind else None
-
-
-@pytest.fixture
-async def collector() -> AsyncIterator[Collector]:
-    found = Collector()
-    app = web.Application()
-    app.router.add_post("/v1/traces", found.receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    found.url = f"http://127.0.0.1:{port}"
-    try:
-        yield found
-    finally:
-        await runner.cleanup()
 
 
 def traced(fake: FakeOllama, collector: Collector, **overrides: Any) -> Any:

@@ -181,6 +181,7 @@ async def test_user_message_during_generation_is_refused_and_stream_goes_on(
     errors = [f for f in frames if f["type"] == "error"]
     assert len(errors) == 1 and errors[0]["error"]["code"] == "generation_in_progress"
     assert errors[0]["error"]["recoverable"] is True
+    assert errors[0]["error"]["message"] == "a reply is still streaming; send cancel first"
     assert tokens_of(frames) == chunks
     assert len(fake_ollama.chats) == 1
     await client.close()
