@@ -180,12 +180,17 @@ class Session:
             self._grace.cancel()
             self._grace = None
 
+    def changed(self) -> None:
+        """Something the store keeps changed: write the session soon, as it stands now
+        (attached to a socket, or detached and expiring)."""
+        self.registry.save_soon(self, detached=self.socket is None)
+
     def reply_ended(self) -> None:
         if self.moved:
             if not self.cancelling:  # else its `cancelled` comes first, then the hand-over
                 self.registry.hand_over(self)
             return
-        self.registry.save_soon(self, detached=self.socket is None)
+        self.changed()
         if self.socket is not None:
             self.socket.reply_ended()
 
@@ -422,7 +427,7 @@ class SessionRegistry:
         first write refused ends the writer's pass, so that is one try a second. (A method,
         not the writer's loop: a loop variable there would hold a session for good.)"""
         for session in list(self._sessions.values()):
-            self.save_soon(session, detached=session.socket is None)
+            session.changed()
 
     async def _flush_writes(self) -> None:
         while self._dirty:

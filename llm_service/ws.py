@@ -224,11 +224,11 @@ class Connection:
                 except ServiceError as exc:
                     exc.response_id = response_id
                     raise
-                self.registry.save_soon(session, detached=False)
+                session.changed()
             case Truncate(response_id=response_id, heard_chars=heard):
                 kept = conv.truncate(response_id, heard)
                 await send(protocol.truncated, response_id, kept)
-                self.registry.save_soon(session, detached=False)
+                session.changed()
             case Cancel():
                 if session.following is not None:  # streaming on another replica
                     await self.registry.request_cancel(session)
@@ -253,7 +253,7 @@ class Connection:
                 )
                 conv.reset(config)
                 await send(protocol.session_configured, conv.session_id, config, frame.ignored)
-                self.registry.save_soon(session, detached=False)
+                session.changed()
             case GetHistory():
                 await send(protocol.history, conv.session_id, conv.messages())
             case EndSession():
@@ -281,7 +281,7 @@ class Connection:
         except ServiceError as exc:
             exc.response_id = response_id  # the refusal names the reply it refused
             raise
-        self.registry.save_soon(session, detached=False)
+        session.changed()
 
     def _refuse_if_busy(self) -> None:
         if self.session.generating:
