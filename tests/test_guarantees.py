@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from structlog.testing import capture_logs
 
 from llm_service.backends import BackendChoice
 from llm_service.backends.base import ChatMessage, ChatRequest, StreamEnd, StreamItem
@@ -693,9 +694,12 @@ async def test_a_bug_is_an_internal_error_and_the_connection_goes_on() -> None:
         assert tokens_of(frames) == ["partial "]
         assert frames[-1]["response_id"] == "r2"
         assert frames[-1]["error"]["code"] == "internal_error"
-        await client.send({"type": "user_message", "text": "crash while counting"})
-        frame = await client.recv()
+        with capture_logs() as logs:
+            await client.send({"type": "user_message", "text": "crash while counting"})
+            frame = await client.recv()
         assert frame["type"] == "error" and frame["error"]["code"] == "internal_error", frame
+        assert frame["error"]["message"] == "internal error: RuntimeError"  # no more said
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["frame_handling_failed"]
         assert (await client.turn("and now?"))[-1]["type"] == "response_complete"
         assert [(m["content"], m.get("status")) for m in await client.history()] == [
             ("crash mid-reply", None),

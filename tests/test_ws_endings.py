@@ -157,3 +157,37 @@ async def test_a_failure_no_turn_can_get_past_ends_the_connection_with_1011(
         error = (await client.recv_until("error"))[-1]["error"]
         assert error["code"] == code and error["recoverable"] is False
         assert await closed(client) == (1011, code)
+
+
+async def test_a_sessions_lines_say_who_it_was_how_it_ended_and_how_long_it_took(
+    service: RunningService,
+) -> None:
+    with capture_logs() as logs:
+        ending = await service.connect()
+        await ending.start()
+        await ending.turn("Hi")
+        await ending.send({"type": "end_session"})
+        assert (await ending.recv())["type"] == "session_ended"
+        assert (await closed(ending))[0] == 1000
+        dropped = await service.connect()
+        await dropped.start()
+        await dropped.close()
+        await poll(lambda: no_connections(service))
+    addresses = [f"127.0.0.1:{c.ws.local_address[1]}" for c in (ending, dropped)]
+    started = [e for e in logs if e["event"] == "session_started"]
+    assert [e["client"] for e in started] == addresses
+    ends = [e for e in logs if e["event"] == "session_closed"]
+    assert [(e["reason"], e["turns"]) for e in ends] == [("end_session", 1), ("disconnect", 0)]
+    for end in ends:
+        assert 0 < end["duration_s"] < 30 and round(end["duration_s"], 3) == end["duration_s"]
+
+
+async def test_a_binary_frame_is_refused_and_the_socket_goes_on(service: RunningService) -> None:
+    client = await service.connect()
+    await client.start()
+    await client.send(b'{"type": "get_history"}')
+    error = await client.recv()
+    assert error["error"]["code"] == "invalid_message"
+    assert error["error"]["message"] == "binary frames are not accepted; send JSON text"
+    assert await client.history() == []
+    await client.close()
