@@ -158,7 +158,8 @@ class Connection:
             if self.ending is None:  # (a drain may have begun meanwhile)
                 async with asyncio.TaskGroup() as group:
                     self._receiver = group.create_task(self.receive_loop())
-                reason = self._receiver.result() if not self._receiver.cancelled() else "ended"
+                if not self._receiver.cancelled():  # (only `_end` cancels it, setting `ending`)
+                    reason = self._receiver.result()
             if self.ending is not None:
                 reason = self.ending.reason
                 await self._close(self.ending)
@@ -321,7 +322,8 @@ class Connection:
                 break
             batch = more
         target.go_live()  # no await since the last check: nothing can slip in between
-        log.info("session_resumed", replayed=len(replay), gap=frames is None)
+        # the frame's log context names the fresh session this socket started with
+        log.info("session_resumed", session_id=target.id, replayed=len(replay), gap=frames is None)
         if frames is None:
             await self.send_error(resume_gap(frame.last_seq))
 

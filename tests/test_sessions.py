@@ -103,6 +103,7 @@ async def test_a_reply_goes_on_through_a_dropped_socket_and_is_replayed_exactly(
         assert said == [
             {
                 "event": "session_resumed",
+                "session_id": session_id,
                 "replayed": resumed["replayed"],
                 "gap": False,
                 "log_level": "info",
@@ -250,7 +251,13 @@ async def test_frames_no_longer_held_are_a_resume_gap(fake_ollama: FakeOllama) -
         )
         said = [e for e in logs if e["event"] == "session_resumed"]
         assert said == [
-            {"event": "session_resumed", "replayed": 0, "gap": True, "log_level": "info"}
+            {
+                "event": "session_resumed",
+                "session_id": session_id,
+                "replayed": 0,
+                "gap": True,
+                "log_level": "info",
+            }
         ]
         history = await second.history()  # attached all the same: resynchronise
         assert history[-1]["content"] == "".join(WORDS)

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import pytest
 import websockets
+from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from llm_service.errors import ServiceError, UpstreamUnauthorized
@@ -162,22 +163,29 @@ async def test_a_failure_no_turn_can_get_past_ends_the_connection_with_1011(
 async def test_a_sessions_lines_say_who_it_was_how_it_ended_and_how_long_it_took(
     service: RunningService,
 ) -> None:
-    with capture_logs() as logs:
+    with capture_logs(processors=[merge_contextvars]) as logs:  # with the bound session id
         ending = await service.connect()
-        await ending.start()
+        ids = [await ending.start()]
         await ending.turn("Hi")
         await ending.send({"type": "end_session"})
         assert (await ending.recv())["type"] == "session_ended"
         assert (await closed(ending))[0] == 1000
         dropped = await service.connect()
-        await dropped.start()
+        ids.append(await dropped.start())
         await dropped.close()
         await poll(lambda: no_connections(service))
     addresses = [f"127.0.0.1:{c.ws.local_address[1]}" for c in (ending, dropped)]
     started = [e for e in logs if e["event"] == "session_started"]
-    assert [e["client"] for e in started] == addresses
+    assert [(e["session_id"], e["client"]) for e in started] == list(
+        zip(ids, addresses, strict=True)
+    )
+    [turn] = [e for e in logs if e["event"] == "turn_completed"]
+    assert turn["session_id"] == ids[0]
     ends = [e for e in logs if e["event"] == "session_closed"]
-    assert [(e["reason"], e["turns"]) for e in ends] == [("end_session", 1), ("disconnect", 0)]
+    assert [(e["session_id"], e["reason"], e["turns"]) for e in ends] == [
+        (ids[0], "end_session", 1),
+        (ids[1], "disconnect", 0),
+    ]
     for end in ends:
         assert 0 < end["duration_s"] < 30 and round(end["duration_s"], 3) == end["duration_s"]
 
