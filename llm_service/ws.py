@@ -67,7 +67,7 @@ class Ending:
     """Why the service ends a connection, and how: an optional last frame, then a close."""
 
     code: int
-    reason: str
+    reason: str  # the service's own few words: a close frame holds at most 123 bytes of it
     error: ServiceError | None = None
 
     @classmethod
@@ -378,7 +378,7 @@ class Connection:
                 if ending.error is not None:
                     self.telemetry.error(ending.error.code)
                     await self.session.send_last(self, protocol.error, ending.error)
-                await self.ws.close(ending.code, ending.reason[:120])
+                await self.ws.close(ending.code, ending.reason)
         except TimeoutError:
             log.warning("close_not_delivered", code=ending.code)
 
