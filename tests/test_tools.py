@@ -441,7 +441,11 @@ async def test_an_engine_whose_model_does_not_call_tools_says_so() -> None:
         await client.send({"type": "start_session", "config": {"tools": [CLOCK]}})
         answer = await client.recv()
         assert answer["error"]["code"] == "invalid_config"
-        assert "does not call tools" in answer["error"]["message"]
+        assert answer["error"]["message"] == (
+            "tools: the llamacpp engine does not call tools (the embedded engine's packaged "
+            "SmolLM2-135M was not trained to); use LLM_BACKEND=ollama or openai with a model "
+            "that does"
+        )
         await client.close()
 
 
