@@ -303,9 +303,18 @@ class SessionRegistry:
         token = new_resume_token()
         session = Session(self, conversation, token_hash(token), FrameLog(self.buffer_frames))
         self._sessions[session.id] = session
-        if self.shared:
-            self.save_soon(session, detached=False)  # resumable on any replica from now on
         return session, token
+
+    async def share(self, session: Session) -> None:
+        """Write a fresh session to a shared store before its `session_started` goes out, so
+        that its client may resume it on any replica from that frame on. (While the store
+        is failing, the write is queued as every other is: an outage costs no start-up.)"""
+        if not self.shared:
+            return
+        if self._degraded_since is None:
+            await self._save_now(session)
+        else:
+            session.changed()
 
     def forget(self, session: Session) -> None:
         """Drop a session that will never be resumed here."""

@@ -153,6 +153,7 @@ class Connection:
         try:
             with structlog.contextvars.bound_contextvars(session_id=session.id):
                 log.info("session_started", client=_client(self.ws))
+            await self.registry.share(session)
             await session.send(protocol.session_started, session.id, self._token)
             del self._token  # sent once; only its hash is kept
             if self.ending is None:  # (a drain may have begun meanwhile)

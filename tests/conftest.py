@@ -1,14 +1,16 @@
-"""Fixtures: the fake Ollama, the real service in front of it on ephemeral ports, and an
-OTLP/HTTP traces endpoint."""
+"""Fixtures: the fake Ollama, the real service in front of it on ephemeral ports, an
+OTLP/HTTP traces endpoint and a redis-server."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.otlp import Collector, running_collector
+from tests.redis_server import RedisServer
 from tests.support import RunningService, make_settings, running_service
 
 
@@ -28,3 +30,15 @@ async def service(fake_ollama: FakeOllama) -> AsyncIterator[RunningService]:
 async def collector() -> AsyncIterator[Collector]:
     async with running_collector() as found:
         yield found
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(workdir)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()

@@ -21,7 +21,6 @@ import fnmatch
 import hashlib
 import os
 import random
-import shutil
 import signal
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,11 +33,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import websockets
-from redis.exceptions import ConnectionError as RedisConnectionError
 from websockets.exceptions import ConnectionClosed
 
 from tests.fakes.ollama import FakeOllama, Reply
 from tests.process import ServiceProcess, free_port, main_command, service_env, service_process
+from tests.redis_server import RedisServer
 from tests.support import Client, poll, tokens_of
 
 pytestmark = pytest.mark.slow
@@ -48,64 +47,6 @@ FRAMES_KEY = "fasttalk:frames:{}:*"  # a stream per holder of the session
 LONG_REPLY = [f" w{i}" for i in range(60)]  # 60 tokens, 0.05 s apart: 3 s of streaming
 TURN_ENDS = ("response_complete", "cancelled", "error")
 FOLLOWED_REPLY = [f" f{i}" for i in range(40)]  # 2 s
-
-
-class RedisServer:
-    """A `redis-server` of this test's own, on a free loopback port, persisting nothing."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> aioredis.Redis:
-        return aioredis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    async def start(self) -> None:
-        """Start it (again, on the same port) and wait until it answers PING."""
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server is not installed (apt-get install redis-server)"
-        self.proc = await asyncio.create_subprocess_exec(
-            binary,
-            *("--port", str(self.port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-            *("--logfile", str(self.workdir / "redis.log")),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        async with self.client() as client, asyncio.timeout(10):
-            while True:
-                assert self.proc.returncode is None, self._log()
-                with contextlib.suppress(RedisConnectionError):
-                    if await client.ping():
-                        return
-                await asyncio.sleep(0.02)
-
-    async def kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-    def _log(self) -> str:
-        path = self.workdir / "redis.log"
-        return path.read_text(errors="replace") if path.exists() else "(no redis.log)"
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    workdir = tmp_path / "redis"
-    workdir.mkdir()
-    server = RedisServer(workdir)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
 
 
 @pytest.fixture
