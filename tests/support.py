@@ -18,9 +18,10 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from llm_service.backends import open_backend
+from llm_service.backends import BackendChoice, open_backend
 from llm_service.config import Settings
 from llm_service.server import ServiceRunner
+from tests.fakes.backend import FakeBackend
 from tests.process import ROOT, main_command
 
 RECV_TIMEOUT = 5.0
@@ -215,8 +216,49 @@ class Client:
             return messages
         return [{k: v for k, v in m.items() if k != "response_id"} for m in messages]
 
+    async def read_to_close(
+        self, limit: float = 10.0
+    ) -> tuple[list[dict[str, Any]], int | None, str | None]:
+        """The frames left until the server closes the socket, then its close code and
+        reason (1006 and "" when the connection ended without a close frame)."""
+        frames: list[dict[str, Any]] = []
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async with asyncio.timeout(limit):
+                while True:
+                    frames.append(await self.recv(limit))
+        return frames, self.ws.close_code, self.ws.close_reason
+
     async def close(self) -> None:
         await self.ws.close()
+
+
+def fake_engine(backend: FakeBackend) -> Callable[[Settings], Any]:
+    """A backend factory for `running_service`: the service's one engine is `backend`."""
+
+    async def factory(settings: Settings) -> BackendChoice:
+        return BackendChoice((backend,), "a fake engine", None)
+
+    return factory
+
+
+async def draining(service: RunningService) -> bool:
+    """Whether the service has begun its drain (its readiness probe says so)."""
+    return (await service.get("/readyz", monitoring=True)).status_code == 503
+
+
+# A tool for the sessions that offer one (`start_session`'s `tools`).
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 class FakeClock:

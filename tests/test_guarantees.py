@@ -27,13 +27,11 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.testing import capture_logs
 
-from llm_service.backends import BackendChoice
 from llm_service.backends.base import ChatMessage, ChatRequest, StreamEnd, StreamItem
 from llm_service.backends.http import Timeouts
 from llm_service.backends.ollama import OllamaBackend
 from llm_service.backends.pool import EnginePool, RetryPolicy, Upstream
 from llm_service.breaker import CircuitBreaker
-from llm_service.config import Settings
 from llm_service.conversation import Conversation, SessionConfig, TurnLimits
 from llm_service.errors import (
     MessageTooLarge,
@@ -57,6 +55,8 @@ from tests.support import (
     WS_HANDSHAKE,
     FakeClock,
     RunningService,
+    draining,
+    fake_engine,
     make_settings,
     metric,
     poll,
@@ -132,17 +132,6 @@ async def finish(conv: Conversation, text: str) -> None:
     stream = conv.start_turn(text).stream()
     async for _ in stream:
         pass
-
-
-def fake_engine(backend: FakeBackend) -> Callable[[Settings], Any]:
-    async def factory(settings: Settings) -> BackendChoice:
-        return BackendChoice((backend,), "a fake engine", None)
-
-    return factory
-
-
-async def draining(service: RunningService) -> bool:
-    return (await service.get("/readyz", monitoring=True)).status_code == 503
 
 
 # --- the engine request is closed before `cancelled` ---------------------------------------

@@ -28,9 +28,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakes.ollama import FakeOllama, Reply
+from tests.fakes.ollama import FakeOllama, Reply, ollama_call
 from tests.process import ROOT, free_port
-from tests.support import RunningService, make_settings, poll, running_service
+from tests.support import CLOCK, RunningService, make_settings, poll, running_service
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fasttalk.json"
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -294,15 +294,6 @@ def test_promtool(command: list[str]) -> None:
 
 # --- the live service ---
 
-CLOCK = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The current time in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
-
 
 async def drive(service: RunningService, fake: FakeOllama) -> None:
     """One of each: a completed turn, a cancelled one, a failed one, one retried, a tool call
@@ -328,7 +319,7 @@ async def drive(service: RunningService, fake: FakeOllama) -> None:
     await tools.start()
     await tools.send({"type": "start_session", "config": {"tools": [CLOCK]}})
     assert (await tools.recv())["type"] == "session_configured"
-    call = {"function": {"name": "get_time", "arguments": {"city": "Lisbon"}}}
+    call = ollama_call("get_time", {"city": "Lisbon"})
     fake.script(Reply(["Checking."], tool_calls=[call]), Reply(["Noon."]))
     frames = await tools.turn("Time in Lisbon?")
     [asked] = [f for f in frames if f["type"] == "tool_call"]

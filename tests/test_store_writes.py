@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from llm_service.sessions.store import SessionRecord
-from tests.fakes.ollama import FakeOllama, Reply
-from tests.support import make_settings, poll, running_service
-from tests.test_tools import CLOCK, ollama_call
+from tests.fakes.ollama import FakeOllama, Reply, ollama_call
+from tests.support import CLOCK, make_settings, poll, running_service
 
 
 class StoredSessions:

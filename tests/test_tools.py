@@ -28,10 +28,11 @@ from llm_service.errors import InvalidMessage
 from llm_service.metrics import Telemetry
 from llm_service.protocol import messages
 from tests.fakes.backend import FakeBackend, Scripted
-from tests.fakes.ollama import FakeOllama, Reply
+from tests.fakes.ollama import FakeOllama, Reply, ollama_call
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.openai import Reply as OpenAIReply
 from tests.support import (
+    CLOCK,
     Client,
     RunningService,
     make_settings,
@@ -40,18 +41,6 @@ from tests.support import (
     tokens_of,
 )
 
-CLOCK = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The current time in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 WEATHER = {
     "type": "function",
     "function": {
@@ -232,10 +221,6 @@ async def configured(client: Client, tools: list[dict[str, Any]]) -> dict[str, A
     answer = await client.recv()
     assert answer["type"] == "session_configured", answer
     return answer
-
-
-def ollama_call(name: str, arguments: Any) -> dict[str, Any]:
-    return {"function": {"name": name, "arguments": arguments}}
 
 
 async def test_the_loop_on_ollama_call_result_follow_up(

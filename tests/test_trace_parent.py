@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-from tests.fakes.ollama import FakeOllama, Reply
+from tests.fakes.ollama import FakeOllama, Reply, ollama_call
 from tests.fakes.otlp import Collector
-from tests.support import make_settings, running_service
-from tests.test_tools import CLOCK, ollama_call
+from tests.support import CLOCK, make_settings, running_service
 
 HANDSHAKE_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 USER_TRACE = "0af7651916cd43dd8448eb211c80319c"

@@ -15,8 +15,16 @@ from structlog.testing import capture_logs
 from llm_service.errors import ServiceError, UpstreamUnauthorized
 from tests.fakes.backend import FakeBackend, Scripted
 from tests.fakes.ollama import FakeOllama, Reply
-from tests.support import Client, RunningService, make_settings, metric, poll, running_service
-from tests.test_guarantees import draining, fake_engine
+from tests.support import (
+    Client,
+    RunningService,
+    draining,
+    fake_engine,
+    make_settings,
+    metric,
+    poll,
+    running_service,
+)
 
 
 async def errors_counted(service: RunningService, code: str) -> float:
@@ -26,11 +34,8 @@ async def errors_counted(service: RunningService, code: str) -> float:
 
 async def closed(client: Client) -> tuple[int | None, str | None]:
     """Read what is left until the server's close; its code and reason."""
-    with pytest.raises(websockets.ConnectionClosed):
-        async with asyncio.timeout(10):
-            while True:
-                await client.ws.recv()
-    return client.ws.close_code, client.ws.close_reason
+    _, code, reason = await client.read_to_close()
+    return code, reason
 
 
 async def test_a_refused_connection_names_its_refusal_in_the_close(

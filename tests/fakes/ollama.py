@@ -58,6 +58,11 @@ class Reply:
     tool_calls_apart: bool = False
 
 
+def ollama_call(name: str, arguments: Any) -> dict[str, Any]:
+    """One entry of a `Reply`'s `tool_calls`, as Ollama sends a call (it gives no id)."""
+    return {"function": {"name": name, "arguments": arguments}}
+
+
 @dataclass
 class ChatRecord:
     """One `/api/chat` request as the fake saw it."""
