@@ -141,7 +141,8 @@ class Connection:
         self._receiver: asyncio.Task[str] | None = None
         self._idle = Deadline(asyncio.get_running_loop(), self._idled)
         # the handshake's trace: every turn on this socket continues it, unless it names its own
-        self._trace = Parent.from_headers(websocket.headers) if service.tracing.enabled else None
+        # (with tracing off, Tracing.turn drops it, as it drops a frame's)
+        self._trace = Parent.from_headers(websocket.headers)
 
     async def run(self) -> None:
         self.telemetry.session_started()

@@ -1,5 +1,6 @@
 """Which trace each turn joins: the one its frame names (`trace` on `user_message` or
-`tool_result`), else the one the connection's handshake named (`traceparent`)."""
+`tool_result`), else the one the connection's handshake named (`traceparent`); with tracing
+off, none: a parent is read and nothing is passed on."""
 
 from __future__ import annotations
 
@@ -58,3 +59,16 @@ async def test_a_turn_joins_its_frames_trace_else_the_handshakes(
         HANDSHAKE_TRACE,
         RESULT_TRACE,
     ]
+
+
+async def test_tracing_is_off_unless_configured(fake_ollama: FakeOllama) -> None:
+    settings = make_settings(ollama_base_url=fake_ollama.url)
+    assert settings.tracing() is None
+    async with running_service(settings) as service:
+        headers = {"traceparent": traceparent(HANDSHAKE_TRACE)}
+        client = await service.connect(additional_headers=headers)
+        await client.start()
+        await client.send({"type": "user_message", "text": "Hi", "trace": traceparent(USER_TRACE)})
+        await client.recv_until("response_complete")
+        await client.close()
+    assert "traceparent" not in fake_ollama.chats[0].headers

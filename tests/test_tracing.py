@@ -171,18 +171,6 @@ async def test_a_bad_trace_field_is_refused_and_the_session_goes_on(
     assert [t.trace_id for t in collector.turns()] == [CLIENT_TRACE]
 
 
-async def test_tracing_is_off_unless_configured(fake_ollama: FakeOllama) -> None:
-    settings = make_settings(ollama_base_url=fake_ollama.url)
-    assert settings.tracing() is None
-    async with running_service(settings) as service:
-        client = await service.connect(additional_headers={"traceparent": TRACEPARENT})
-        await client.start()
-        await client.send({"type": "user_message", "text": "Hi", "trace": TRACEPARENT})
-        await client.recv_until("response_complete")
-        await client.close()
-    assert "traceparent" not in fake_ollama.chats[0].headers
-
-
 def test_the_otel_variables_choose_the_traces_url() -> None:
     base = make_settings(otel_exporter_otlp_endpoint="http://collector:4318/").tracing()
     assert base is not None and base.endpoint == "http://collector:4318/v1/traces"
