@@ -1,10 +1,14 @@
 """Fixtures: the fake Ollama, the real service in front of it on ephemeral ports, an
-OTLP/HTTP traces endpoint and a redis-server."""
+OTLP/HTTP traces endpoint and a redis-server; and, for every test, a check that no task's
+exception went unseen."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +16,22 @@ from tests.fakes.ollama import FakeOllama
 from tests.fakes.otlp import Collector, running_collector
 from tests.redis_server import RedisServer
 from tests.support import RunningService, make_settings, running_service
+
+
+@pytest.fixture(autouse=True)
+async def no_exception_goes_unseen() -> AsyncIterator[None]:
+    """Fail a test whose loop reported an error nobody handled: a task that raised and was
+    never awaited ("Task exception was never retrieved"), a callback that raised. Such an
+    exception changes no frame, so no other assertion would see it."""
+    loop = asyncio.get_running_loop()
+    unseen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unseen.append(context))
+    yield
+    gc.collect()  # a finished task reports its unretrieved exception when it is freed
+    loop.set_exception_handler(None)
+    assert not unseen, [
+        f"{context.get('message')}: {context.get('exception')!r}" for context in unseen
+    ]
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ the close code and reason the client reads, the error counted and the line logge
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 from typing import ClassVar
 
@@ -15,6 +17,7 @@ from structlog.testing import capture_logs
 from llm_service.errors import ServiceError, UpstreamUnauthorized
 from tests.fakes.backend import FakeBackend, Scripted
 from tests.fakes.ollama import FakeOllama, Reply
+from tests.redis_server import RedisServer
 from tests.support import (
     Client,
     RunningService,
@@ -101,6 +104,28 @@ async def test_an_idle_connection_is_closed_as_soon_as_the_drain_begins(
             shutdown.cancel()
 
 
+async def test_a_drain_that_begins_before_session_started_ends_the_connection_after_it(
+    fake_ollama: FakeOllama, redis_server: RedisServer
+) -> None:
+    # The session is written to the shared store before its session_started goes out: with
+    # the store held still, the drain begins while the connection is still being set up.
+    settings = make_settings(ollama_base_url=fake_ollama.url, llm_session_store=redis_server.url)
+    async with running_service(settings) as service:
+        assert redis_server.proc is not None
+        client = await service.connect()
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            shutdown = asyncio.create_task(service.runner.shutdown())
+            await poll(lambda: draining(service))
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        await client.start()
+        error = (await client.recv())["error"]
+        assert error["code"] == "service_shutting_down" and error["recoverable"] is False
+        assert await closed(client) == (1001, "service_shutting_down")
+        await asyncio.wait_for(shutdown, 10)
+
+
 async def test_a_client_that_stops_reading_is_cut_off_and_its_close_is_bounded() -> None:
     # 2,000 frames of 16 KiB: far more than the kernel buffers on the way hold, so the
     # service's send blocks once the client stops reading
@@ -135,6 +160,30 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_close_is_bounded()
         assert (await closed(client))[0] == 1006
         text = (await service.get("/metrics", monitoring=True)).text
         assert metric(text, "llm_service_connections_rejected_total", 'reason="send_timeout"') == 1
+
+
+async def test_a_client_gone_while_its_frame_is_answered_is_a_disconnect(
+    fake_ollama: FakeOllama, redis_server: RedisServer
+) -> None:
+    # end_session deletes the session from the store before it answers: with the store held
+    # still, the client goes while its frame is being answered, and the answer finds it gone
+    settings = make_settings(ollama_base_url=fake_ollama.url, llm_session_store=redis_server.url)
+    async with running_service(settings) as service:
+        assert redis_server.proc is not None
+        client = await service.connect()
+        await client.start()
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)
+            try:
+                await client.send({"type": "end_session"})
+                await asyncio.sleep(0.2)  # read, and waiting on the store
+                client.ws.transport.abort()
+                await asyncio.sleep(0.2)  # the service's side of the socket sees it go
+            finally:
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
+            await poll(lambda: no_connections(service), limit=10)
+        [closing] = [entry for entry in logs if entry["event"] == "session_closed"]
+        assert closing["reason"] == "disconnect", logs
 
 
 class NoEngineForThis(ServiceError):
