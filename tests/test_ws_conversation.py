@@ -61,6 +61,9 @@ async def test_two_turn_conversation_reaches_upstream_in_order(
     frames = await client.turn("And its population?")
     assert tokens_of(frames) == second
     assert frames[-1]["stats"]["tokens_generated"] == 11  # the engine's eval_count
+    await client.send({"type": "get_history"})
+    history = await client.recv()
+    assert history["type"] == "history" and history["session_id"] == session_id
 
     request = fake_ollama.chats[1]
     assert request.messages == [

@@ -162,6 +162,28 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_close_is_bounded()
         assert metric(text, "llm_service_connections_rejected_total", 'reason="send_timeout"') == 1
 
 
+async def test_a_client_gone_before_its_session_started_is_a_disconnect(
+    fake_ollama: FakeOllama, redis_server: RedisServer
+) -> None:
+    # with the store held still, the client goes while its session is being written
+    settings = make_settings(ollama_base_url=fake_ollama.url, llm_session_store=redis_server.url)
+    async with running_service(settings) as service:
+        assert redis_server.proc is not None
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)
+            try:
+                client = await service.connect()
+                await asyncio.sleep(0.2)  # the session is being written
+                client.ws.transport.abort()
+                await asyncio.sleep(0.2)  # the service's side of the socket sees it go
+            finally:
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
+            await poll(lambda: no_connections(service), limit=10)
+        [closing] = [entry for entry in logs if entry["event"] == "session_closed"]
+        assert closing["reason"] == "disconnect", logs
+        assert closing["turns"] == 0
+
+
 async def test_a_client_gone_while_its_frame_is_answered_is_a_disconnect(
     fake_ollama: FakeOllama, redis_server: RedisServer
 ) -> None:
