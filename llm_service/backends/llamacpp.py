@@ -401,11 +401,11 @@ class LlamaCppBackend:
 
 def _restore(llm: Any, saved: SavedPrompt) -> bool:
     """Replace `llm`'s context with a saved sequence state; False (and an empty context)
-    if llama.cpp refuses it."""
+    if llama.cpp refuses it. llama.cpp empties the sequence before it reads a state into it,
+    and again when the state turns out unreadable."""
     import llama_cpp
 
     ctx = llm._ctx.ctx
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
     state = saved.state  # read in place, not copied
     source = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
     if not llama_cpp.llama_state_seq_set_data(ctx, source, len(state), 0):
