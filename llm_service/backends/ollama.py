@@ -154,7 +154,7 @@ class OllamaBackend:
                         yield end
                         return
                     content = message["content"]
-                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
                     raise UpstreamError(
                         f"{self.where} sent a line that is not a chat chunk "
                         f"({len(line)} characters)"
@@ -186,13 +186,15 @@ class OllamaBackend:
             # Downloads pause between layers; the backstop read timeout bounds each pause.
             async with self._client.stream("POST", "/api/pull", json=body) as response:
                 if response.status_code != 200:
-                    raise await _status_error(response, self.model)
+                    raise await _status_error(response, self.model, pulling=True)
                 async for line in response.aiter_lines():
                     if not line:
                         continue
                     try:
                         data = orjson.loads(line)
-                    except orjson.JSONDecodeError as exc:
+                        if not isinstance(data, dict):
+                            raise TypeError("not a JSON object")
+                    except (orjson.JSONDecodeError, TypeError) as exc:
                         raise UpstreamError(
                             f"{self.where} sent an unreadable progress line from /api/pull"
                         ) from exc
@@ -265,7 +267,9 @@ def _stream_end(data: dict[str, Any]) -> StreamEnd:
     )
 
 
-async def _status_error(response: httpx.Response, model: str) -> EngineError:
+async def _status_error(
+    response: httpx.Response, model: str, *, pulling: bool = False
+) -> EngineError:
     raw = await error_body(response)
     try:
         message = str(orjson.loads(raw).get("error") or "")
@@ -274,7 +278,10 @@ async def _status_error(response: httpx.Response, model: str) -> EngineError:
     status = response.status_code
     text = f"Ollama answered {status}: {message or response.reason_phrase}"
     if status == 404:
-        return ModelNotFound(f"model {model!r} not found in Ollama; pull it first ({message})")
+        said = f" ({message})" if message else ""
+        if pulling:
+            return ModelNotFound(f"Ollama found no model {model!r} to pull{said}")
+        return ModelNotFound(f"model {model!r} not found in Ollama; pull it first{said}")
     if status in (429, 502, 503, 504):
         return UpstreamUnavailable(text)
     if 400 <= status < 500:

@@ -7,8 +7,9 @@ ways the real one does: 404 for an unknown model, any HTTP error status with Oll
 `{"error": ...}` body (or a body that is not JSON, as a proxy in front of it sends), an in-band
 error line mid-stream, a line that is not JSON, a dropped connection, a stall, a slow stream, a
 body left open after the `done` line, a stream held at a chunk until the test releases it, a
-stalled `/api/version`, and refused connections (`refuse()` closes the listening socket,
-`accept()` reopens it on the same port).
+stalled `/api/version`, a failed pull (an error status, or a body the test writes), and
+refused connections (`refuse()` closes the listening socket, `accept()` reopens it on the
+same port).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Reply:
     drop_after: int | None = None  # drop the connection after this many chunks
     stall_after: int | None = None  # stop sending after this many chunks, until the client goes
     garbage_after: int | None = None  # after this many chunks, a line that is not JSON; a stall
+    garbage: bytes = b"<html>502 Bad Gateway</html>"  # that line (JSON not an object, say)
     gate: asyncio.Event | None = None  # wait for this before the chunk at index gate_at
     gate_at: int = 1
     hold_open: bool = False  # after the done line, leave the body open until the client goes
@@ -118,6 +120,13 @@ class FakeOllama:
         self._site: web.TCPSite | None = None
         self._chat_arrived = asyncio.Condition()
         self.version_gate: asyncio.Event | None = None  # /api/version waits for it when set
+        self.pulls: list[dict[str, Any]] = []  # the /api/pull request bodies, in order
+        # How /api/pull answers, where a test sets it: this status with {"error": pull_error}
+        # (when not 200), else this body as sent (NDJSON lines, malformed ones included),
+        # else the default progress of a pull that succeeds.
+        self.pull_status = 200
+        self.pull_error = "something went wrong"
+        self.pull_body: bytes | None = None
 
     @property
     def url(self) -> str:
@@ -216,9 +225,16 @@ class FakeOllama:
     async def _pull(self, request: web.Request) -> web.StreamResponse:
         self._hit(request)
         body = await request.json()
+        self.pulls.append(body)
+        if self.pull_status != 200:
+            return _error(self.pull_status, self.pull_error)
         name = str(body.get("model") or body.get("name"))
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
+        if self.pull_body is not None:
+            await response.write(self.pull_body)
+            await response.write_eof()
+            return response
         await _line(response, {"status": "pulling manifest"})
         total = 4_000_000
         for done in range(0, total + 1, 1_000_000):
@@ -297,7 +313,7 @@ class FakeOllama:
             if index == reply.stall_after:
                 await asyncio.Event().wait()  # until the client goes and the handler is cancelled
             if index == reply.garbage_after:
-                await response.write(b"<html>502 Bad Gateway</html>\n")
+                await response.write(reply.garbage + b"\n")
                 await asyncio.Event().wait()  # then nothing more, until the client goes
             if reply.gate is not None and index == reply.gate_at:
                 await reply.gate.wait()
