@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from llm_service.backends import BackendChoice
 from llm_service.backends.base import ChatMessage, ToolCall
 from llm_service.conversation import Conversation, SessionConfig, Turn
-from llm_service.errors import InvalidMessage
+from llm_service.errors import ContextOverflow, InvalidMessage
 from llm_service.metrics import Telemetry
 from llm_service.protocol import messages
 from tests.fakes.backend import FakeBackend, Scripted
@@ -151,6 +151,59 @@ async def test_a_user_message_answers_pending_calls_as_cancelled() -> None:
     body = generate_latest(conv.telemetry.registry).decode()
     assert metric(body, "llm_service_tool_calls_total", 'outcome="called"') == 1
     assert metric(body, "llm_service_tool_calls_total", 'outcome="cancelled"') == 1
+
+
+async def test_a_tool_result_that_cannot_apply_says_exactly_why_and_changes_nothing() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["Let me look."], calls=(call("c1"), call("c2", "Porto"))))
+    conv = conversation(backend)
+    with pytest.raises(InvalidMessage) as nothing_waits:
+        conv.answer_tools([("c1", "12:00")], None)
+    assert nothing_waits.value.message == "tool_result: no tool call is waiting for a result"
+    await run(conv.start_turn("Time in Lisbon and Porto?"))
+    before = messages(conv.messages())
+    long_id = "k" * 100  # the message shows the first 64 characters of an id
+    nope = {"type": "function", "function": {"name": "nope"}}
+    answers = [("c1", "12:00"), ("c2", "12:01")]
+    for results, choice, why in [
+        ([("c1", "12:00"), ("c1", "12:00")], None, "tool_result: a call has more than one result"),
+        (
+            [("c1", "12:00"), (long_id, "?")],
+            None,
+            f"tool_result: no pending call has the id {'k' * 64!r}",
+        ),
+        ([("c2", "12:01")], None, "tool_result: no result for the call 'c1'"),
+        (answers, nope, "tool_choice: no tool of the session is named 'nope'"),
+    ]:
+        with pytest.raises(InvalidMessage) as refused:
+            conv.answer_tools(results, None, choice)
+        assert refused.value.message == why
+        assert messages(conv.messages()) == before and conv.current is None
+    assert conv.pending_calls == (call("c1"), call("c2", "Porto"))
+
+
+async def test_results_too_big_for_the_window_are_refused_and_leave_the_calls_pending() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted([], calls=(call("c1"), call("c2", "Porto"))))
+    conv = conversation(backend, window=600)
+    await run(conv.start_turn("Time in Lisbon and Porto?"))
+    before = messages(conv.messages())
+    with pytest.raises(ContextOverflow):
+        conv.answer_tools([("c1", "12:00"), ("c2", "x" * 4000)], None)
+    assert messages(conv.messages()) == before  # neither result stayed
+    assert conv.pending_calls == (call("c1"), call("c2", "Porto"))
+    backend.script.append(Scripted(["Noon."]))
+    assert await run(conv.answer_tools([("c1", "12:00"), ("c2", "12:00")], None)) == ["Noon."]
+
+
+async def test_each_call_a_tool_result_answers_is_counted() -> None:
+    backend = FakeBackend()
+    backend.script.extend([Scripted([], calls=(call("c1"), call("c2", "Porto"))), Scripted(["Ok"])])
+    conv = conversation(backend)
+    await run(conv.start_turn("Time in Lisbon and Porto?"))
+    await run(conv.answer_tools([("c1", "12:00"), ("c2", "12:00")], None))
+    body = generate_latest(conv.telemetry.registry).decode()
+    assert metric(body, "llm_service_tool_calls_total", 'outcome="answered"') == 2
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,12 +1,17 @@
 """Which trace each turn joins: the one its frame names (`trace` on `user_message` or
 `tool_result`), else the one the connection's handshake named (`traceparent`); with tracing
-off, none: a parent is read and nothing is passed on."""
+off, none: a parent is read and nothing is passed on. And what a turn's span says once it
+ends: the figures its `response_complete` or `cancelled` frame shows, its outcome, and for a
+failed turn the code and message of its error frame."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from tests.fakes.ollama import FakeOllama, Reply, ollama_call
-from tests.fakes.otlp import Collector
-from tests.support import CLOCK, make_settings, running_service
+from tests.fakes.otlp import Collector, Span
+from tests.support import CLOCK, make_settings, running_service, tokens_of
 
 HANDSHAKE_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 USER_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -72,3 +77,105 @@ async def test_tracing_is_off_unless_configured(fake_ollama: FakeOllama) -> None
         await client.recv_until("response_complete")
         await client.close()
     assert "traceparent" not in fake_ollama.chats[0].headers
+
+
+# What a turn's span says of how it ended (`TurnTrace.finish`).
+ENDING = (
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.response.finish_reasons",
+    "llm_service.prompt_tokens_cached",
+    "llm_service.token_frames",
+    "llm_service.history_trimmed_turns",
+    "llm_service.time_to_first_token_ms",
+    "llm_service.outcome",
+    "error.type",
+)
+
+
+def ending(span: Span) -> dict[str, Any]:
+    """The span's `ENDING` attributes (None where absent), its floats rounded as a stats
+    frame rounds them."""
+    found = {key: span.attributes.get(key) for key in ENDING}
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in found.items()}
+
+
+def ending_of(stats: dict[str, Any], outcome: str, reasons: list[str] | None) -> dict[str, Any]:
+    """What the span of a turn that ended with these stats must say."""
+    return {
+        "gen_ai.usage.input_tokens": stats["prompt_tokens"],
+        "gen_ai.usage.output_tokens": stats["tokens_generated"],
+        "gen_ai.response.finish_reasons": reasons,
+        "llm_service.prompt_tokens_cached": stats.get("prompt_tokens_cached"),
+        "llm_service.token_frames": stats["token_frames"],
+        "llm_service.history_trimmed_turns": stats["history_trimmed_turns"],
+        "llm_service.time_to_first_token_ms": stats["time_to_first_token_ms"],
+        "llm_service.outcome": outcome,
+        "error.type": None,
+    }
+
+
+async def test_a_turns_span_carries_the_figures_of_its_stats_frame(
+    fake_ollama: FakeOllama, collector: Collector
+) -> None:
+    gate = asyncio.Event()
+    fake_ollama.script(
+        Reply(["Paris", " it", " is", "."], prompt_eval_cached_count=6),
+        Reply(["Hm", "."], done_reason=""),  # an engine that gives no reason
+        Reply(["One", " two", " three"], gate=gate, gate_at=2),
+    )
+    settings = make_settings(
+        ollama_base_url=fake_ollama.url, otel_exporter_otlp_endpoint=collector.url
+    )
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await client.start()
+        stats: dict[str, dict[str, Any]] = {}
+        for response_id in ("stop", "no-reason"):
+            await client.send({"type": "user_message", "text": "Hi?", "response_id": response_id})
+            stats[response_id] = (await client.recv_until("response_complete"))[-1]["stats"]
+        await client.send({"type": "user_message", "text": "Count.", "response_id": "cut"})
+        assert tokens_of([await client.recv(), await client.recv()]) == ["One", " two"]
+        await client.send({"type": "cancel"})  # while the engine holds " three"
+        stats["cut"] = (await client.recv_until("cancelled"))[-1]["stats"]
+        await client.close()
+    assert (stats["stop"]["done_reason"], stats["stop"]["prompt_tokens_cached"]) == ("stop", 6)
+    assert stats["no-reason"]["done_reason"] == "" and stats["cut"]["token_frames"] == 2
+    turns = {t.attributes["llm_service.response_id"]: t for t in collector.turns()}
+    assert {k: ending(t) for k, t in turns.items()} == {
+        "stop": ending_of(stats["stop"], "completed", ["stop"]),
+        "no-reason": ending_of(stats["no-reason"], "completed", None),
+        "cut": ending_of(stats["cut"], "cancelled", None),
+    }
+    assert [t.status for t in turns.values()] == [0, 0, 0]  # neither end is an error
+
+
+async def test_a_failed_turns_span_records_the_code_and_message_of_its_error_frame(
+    fake_ollama: FakeOllama, collector: Collector
+) -> None:
+    fake_ollama.script(Reply(["Once", " upon", " a"], error_after=2, error="runner crashed"))
+    settings = make_settings(
+        ollama_base_url=fake_ollama.url, otel_exporter_otlp_endpoint=collector.url
+    )
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await client.start()
+        frames = await client.turn("Story?")
+        await client.close()
+    assert tokens_of(frames) == ["Once", " upon"]
+    error = frames[-1]["error"]
+    assert error["code"] == "upstream_error" and "runner crashed" in error["message"]
+    [turn] = collector.turns()
+    assert (turn.status, turn.status_message) == (2, error["message"])
+    found = ending(turn)
+    assert found.pop("gen_ai.usage.input_tokens") > 0  # the prompt as the service counted it
+    assert found.pop("llm_service.time_to_first_token_ms") is not None
+    assert found == {
+        "gen_ai.usage.output_tokens": 2,  # no count from the engine: the frames sent
+        "gen_ai.response.finish_reasons": None,
+        "llm_service.prompt_tokens_cached": None,
+        "llm_service.token_frames": 2,
+        "llm_service.history_trimmed_turns": 0,
+        "llm_service.outcome": "failed",
+        "error.type": error["code"],
+    }

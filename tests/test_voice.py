@@ -8,13 +8,16 @@ socket in front of the fake Ollama and check the frames as a voice client reads 
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import aclosing
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
+from llm_service.backends.base import StreamEnd, ToolCall
 from llm_service.chunking import Chunker
 from llm_service.conversation import (
     MAX_RESPONSE_ID,
@@ -144,6 +147,116 @@ async def test_with_chunking_tokens_generated_counts_the_engines_chunks() -> Non
     assert frames == ["Hello there, my friend."]
     assert stats.tokens_generated == 5  # no count from the engine: its chunks, not our frames
     assert stats.token_frames == len(frames)
+
+
+async def test_truncate_at_exactly_the_replys_length_cuts_nothing() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["Hello", " there."], StreamEnd(completion_tokens=9)))
+    conv = conversation(backend)
+    await run(conv.start_turn("Hi", "r1"))
+    reply = conv.entries[-1]
+    tokens = reply.tokens
+    assert conv.truncate("r1", len("Hello there.")) == len("Hello there.")
+    assert (reply.content, reply.status, reply.tokens) == ("Hello there.", "complete", tokens)
+
+
+async def test_a_truncated_reply_with_calls_is_counted_again_with_its_calls() -> None:
+    calls = (ToolCall("c1", "get_time", {"city": "Lisbon"}),)
+    backend = FakeBackend(tokens_per_char=1.0)
+    backend.script.append(Scripted(["Let me look that up."], calls=calls))
+    conv = conversation(backend)
+    await run(conv.start_turn("Time?", "r1"))
+    assert conv.truncate("r1", 3) == 3
+    reply = conv.entries[-1]
+    assert (reply.content, reply.status, reply.tool_calls) == ("Let", "interrupted", calls)
+    assert reply.tokens == conv.count("Let", calls) > conv.count("Let")
+
+
+async def test_with_chunking_the_engines_end_and_calls_are_kept() -> None:
+    calls = (ToolCall("c1", "get_time", {"city": "Lisbon"}),)
+    end = StreamEnd(prompt_tokens=42, completion_tokens=7, done_reason="tool_calls")
+    backend = FakeBackend()
+    backend.script.append(Scripted(["Let me", " look."], end, calls=calls))
+    conv = conversation(backend, "clause")
+    turn = conv.start_turn("Time?")
+    frames, stats = await run(turn)
+    assert frames == ["Let me look."]
+    assert (stats.done_reason, stats.tokens_generated, stats.prompt_tokens) == ("tool_calls", 7, 42)
+    assert turn.calls == calls and conv.pending_calls == calls
+
+
+async def test_with_chunking_the_gaps_between_tokens_fit_within_the_turn() -> None:
+    chunks = ["One", " two", " three", " four", "."]
+    backend = FakeBackend()
+    backend.script.append(Scripted(chunks))
+    conv = conversation(backend, "sentence")
+    _, stats = await run(conv.start_turn("Count."))
+    body = generate_latest(conv.telemetry.registry).decode()
+    assert metric(body, "llm_service_inter_token_gap_seconds_count") == len(chunks) - 1
+    gaps = metric(body, "llm_service_inter_token_gap_seconds_sum")
+    assert gaps <= stats.processing_time_ms / 1000
+
+
+async def test_with_chunking_the_first_chunk_time_is_when_the_first_piece_went_out() -> None:
+    gate = asyncio.Event()
+    backend = FakeBackend()
+    backend.script.append(Scripted(["Well, I think so. ", "And more"], gate=gate))
+    conv = conversation(backend, "sentence")
+    turn = conv.start_turn("Sure?")
+    async with aclosing(turn.stream()) as stream:
+        assert await anext(stream) == "Well, I think so. "
+        handed_on_ms = (time.perf_counter() - turn.started_at) * 1000
+        gate.set()
+        assert await anext(stream) == "And more"  # the rest, flushed at the end
+        stats = await anext(stream)
+    assert isinstance(stats, TurnStats) and stats.time_to_first_chunk_ms is not None
+    assert stats.time_to_first_chunk_ms <= handed_on_ms <= stats.processing_time_ms
+
+
+async def held_then_cancelled(turn: Turn, backend: FakeBackend, wait_in_send: bool) -> list[str]:
+    """Stream `turn` in a task and cancel it as `cancel` does (the piece held is to be handed
+    on): while it waits on the engine, or (`wait_in_send`) while its first piece is sent."""
+    received: list[str] = []
+    sending = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(turn.stream()) as stream:
+            async for item in stream:
+                assert isinstance(item, str)
+                received.append(item)
+                sending.set()
+                await asyncio.Event().wait()  # a send that does not finish
+
+    task = asyncio.create_task(consume())
+    # the task runs until it waits on the engine's gate (or its send) before this wakes
+    await asyncio.wait_for((sending if wait_in_send else backend.asked).wait(), 2)
+    turn.flush_on_stop = True
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)
+    assert task.cancelled()
+    return received
+
+
+async def test_a_cancel_before_the_first_piece_hands_on_the_text_held() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["Well", " I think"], gate=asyncio.Event()))
+    conv = conversation(backend, "sentence")
+    turn = conv.start_turn("Directions?")
+    assert await held_then_cancelled(turn, backend, wait_in_send=False) == []
+    assert turn.engine_chunks == 1  # "Well" came and is held: no boundary yet
+    assert turn.flushed == "Well"
+    assert conv.entries[-1].content == "Well" and conv.entries[-1].status == "interrupted"
+
+
+async def test_a_cancel_while_a_piece_is_being_sent_hands_on_nothing_more() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["Well, I think so. And then"]))
+    conv = conversation(backend, "sentence")
+    turn = conv.start_turn("Directions?")
+    received = await held_then_cancelled(turn, backend, wait_in_send=True)
+    assert received == ["Well, I think so. "]  # its send cut short: not delivered
+    assert turn.flushed == "" and turn.parts == []
+    assert conv.entries == []  # no text was handed on: the history is as it was
 
 
 # -- over the socket -----------------------------------------------------------------------
@@ -343,6 +456,42 @@ async def test_truncate_while_the_reply_streams_is_refused(
     frames = await client.recv_until("error")
     assert frames[-1]["error"]["code"] == "invalid_message"
     assert (await client.recv_until("response_complete"))[-1]["response_id"] == "r1"
+    await client.close()
+
+
+async def test_a_refused_truncate_says_exactly_why(
+    service: RunningService, fake_ollama: FakeOllama
+) -> None:
+    gate = asyncio.Event()
+    fake_ollama.script(Reply(["One."]), Reply(["Two", " and more."], gate=gate))
+    client = await service.connect()
+    await client.start()
+    await client.send({"type": "user_message", "text": "First?", "response_id": "r1"})
+    await client.recv_until("response_complete")
+    await client.send({"type": "user_message", "text": "Second?", "response_id": "r2"})
+    assert (await client.recv())["data"] == "Two"  # the rest waits for the gate
+    await client.send({"type": "truncate", "response_id": "r2", "heard_chars": 1})
+    streaming = await client.recv()
+    gate.set()
+    assert tokens_of(await client.recv_until("response_complete")) == [" and more."]
+    await client.send({"type": "truncate", "response_id": "r1", "heard_chars": 1})
+    earlier = await client.recv()
+    assert [
+        (f["type"], f["error"]["code"], f["error"]["message"]) for f in (streaming, earlier)
+    ] == [
+        (
+            "error",
+            "invalid_message",
+            "a reply is still streaming: only the latest reply, once it has ended, "
+            "can be truncated (send cancel first)",
+        ),
+        (
+            "error",
+            "invalid_message",
+            "response_id 'r1' is not the latest reply; only the latest reply can be truncated",
+        ),
+    ]
+    assert (await client.history())[-1]["content"] == "Two and more."
     await client.close()
 
 

@@ -27,6 +27,7 @@ class Span:
     end_ns: int
     status: int  # 0 unset, 1 ok, 2 error
     attributes: dict[str, Any]
+    status_message: str = ""  # with an error status: its description
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Collector:
                             s.end_time_unix_nano,
                             s.status.code,
                             {a.key: _value(a.value) for a in s.attributes},
+                            s.status.message,
                         )
                     )
         body = ExportTraceServiceResponse().SerializeToString()
