@@ -229,10 +229,10 @@ async def held_then_cancelled(turn: Turn, backend: FakeBackend, wait_in_send: bo
 
     task = asyncio.create_task(consume())
     # the task runs until it waits on the engine's gate (or its send) before this wakes
-    await asyncio.wait_for((sending if wait_in_send else backend.asked).wait(), 2)
+    await asyncio.wait_for((sending if wait_in_send else backend.asked).wait(), 10)
     turn.flush_on_stop = True
     task.cancel()
-    await asyncio.wait({task}, timeout=2)
+    await asyncio.wait({task}, timeout=10)
     assert task.cancelled()
     return received
 
