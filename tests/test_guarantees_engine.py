@@ -10,10 +10,10 @@ from contextlib import aclosing
 
 # llama_cpp opens two files when imported and never closes them: imported here, at
 # collection, rather than first inside a test, their close at exit raises no warning.
-import llama_cpp  # noqa: F401
+import llama_cpp
 import pytest
 
-from llm_service.backends.base import ChatMessage, ChatRequest, StreamEnd, StreamItem
+from llm_service.backends.base import ChatMessage, ChatRequest, EngineStatus, StreamEnd, StreamItem
 from llm_service.backends.llamacpp import LlamaCppBackend, packaged_model_path
 from llm_service.errors import UpstreamError, UpstreamTimeout
 from llm_service.sampling import SamplingParams
@@ -70,7 +70,12 @@ async def test_a_turn_that_finds_no_free_worker_times_out_and_the_next_one_is_se
     assert isinstance(rest[-1], StreamEnd)
     items = await answer(engine, "Hello")
     assert any(isinstance(item, str) for item in items) and isinstance(items[-1], StreamEnd)
-    assert "0/1 workers busy" in (await engine.status()).detail
+    assert await engine.status() == EngineStatus(
+        reachable=True,
+        detail=f"llama.cpp in-process, {engine.model_path.name}, 0/1 workers busy",
+        version=f"llama-cpp-python {llama_cpp.__version__}",
+        model_available=True,
+    )
 
 
 async def test_a_failure_in_the_worker_thread_is_an_upstream_error(

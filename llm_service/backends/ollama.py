@@ -192,12 +192,12 @@ class OllamaBackend:
                         continue
                     try:
                         data = orjson.loads(line)
-                        if not isinstance(data, dict):
-                            raise TypeError("not a JSON object")
-                    except (orjson.JSONDecodeError, TypeError) as exc:
+                    except orjson.JSONDecodeError:
+                        data = None
+                    if not isinstance(data, dict):
                         raise UpstreamError(
                             f"{self.where} sent an unreadable progress line from /api/pull"
-                        ) from exc
+                        )
                     if "error" in data:
                         raise UpstreamError(f"Ollama could not pull {self.model}: {data['error']}")
                     yield PullProgress(
