@@ -60,9 +60,9 @@ class Read(NamedTuple):
 
 
 async def reply(
-    engine: LlamaCppBackend, session: str, messages: Sequence[ChatMessage]
+    engine: LlamaCppBackend, session: str, messages: Sequence[ChatMessage], max_tokens: int = 12
 ) -> tuple[str, Read]:
-    sampling = SamplingParams(temperature=0.0, seed=7, max_tokens=12)
+    sampling = SamplingParams(temperature=0.0, seed=7, max_tokens=max_tokens)
     request = ChatRequest(list(messages), sampling, WINDOW, affinity=session)
     async with asyncio.timeout(LIMIT_S), aclosing(engine.stream_chat(request)) as stream:
         items = [item async for item in stream]
@@ -121,3 +121,22 @@ async def test_a_state_llama_cpp_refuses_is_read_again_in_full(
     without_text, without = await second_turn(plain)
     assert (text, end.prompt) == (without_text, without.prompt)
     assert end.cached < 0.2 * end.prompt, end
+
+
+async def test_a_prompt_that_is_all_saved_state_is_answered_as_afresh(
+    engines: tuple[LlamaCppBackend, LlamaCppBackend],
+) -> None:
+    """A saved state holds no logits: when a prompt is exactly what was saved (a one-token
+    reply saves the prompt alone, and the same messages come again), the last token is read
+    again rather than the next one sampled from whatever the context decoded last."""
+    cached, plain = engines
+    ada = [system("Ada"), ChatMessage("user", "Hello!")]
+    await reply(cached, "ada", ada, max_tokens=1)
+    await reply(cached, "bo", [system("Bo"), ChatMessage("user", "Hello!")])
+    assert cached.prompt_cache is not None
+    saved = cached.prompt_cache.get("ada")
+    text, read = await reply(cached, "ada", ada)
+    assert saved is not None and len(saved.tokens) == read.prompt  # the prompt, all saved
+    assert read.cached == read.prompt - 1  # all but the last token, read again
+    fresh_text, _ = await reply(plain, "ada", ada)
+    assert text == fresh_text
