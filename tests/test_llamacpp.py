@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from llm_service.backends.llamacpp import packaged_model_path
+from llm_service.backends.llamacpp import _Workers, packaged_model_path
+from llm_service.errors import EngineBusy
 from tests.fakes.ollama import FakeOllama
 from tests.support import Client, RunningService, bound_socket, make_settings, running_service
 from tests.support import tokens_of as texts
@@ -221,3 +222,54 @@ async def test_the_embedded_engine_answers_with_extra_buffers_off() -> None:
         assert "Paris" in answer
         assert (await service.get("/health")).json()["status"] == "healthy"
         await client.close()
+
+
+async def refusal(queue_size: int) -> str:
+    """The message of a turn refused by one busy worker with `queue_size` turns waiting."""
+    workers = _Workers([object()], max_waiting=queue_size)
+    await workers.acquire()
+    waiting = [asyncio.create_task(workers.acquire()) for _ in range(queue_size)]
+    await asyncio.sleep(0)  # each queues itself
+    assert len(workers._waiting) == queue_size
+    try:
+        with pytest.raises(EngineBusy) as busy:
+            await workers.acquire()
+        return busy.value.message
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_a_full_queue_says_how_busy_the_engine_is() -> None:
+    assert await refusal(1) == (
+        "the embedded engine is busy: 1 of 1 workers generating, 1 turn waiting "
+        "(LLAMACPP_QUEUE_SIZE); retry shortly"
+    )
+    assert await refusal(2) == (
+        "the embedded engine is busy: 1 of 1 workers generating, 2 turns waiting "
+        "(LLAMACPP_QUEUE_SIZE); retry shortly"
+    )
+
+
+async def test_a_worker_handed_to_a_turn_cancelled_at_that_moment_goes_back() -> None:
+    model = object()
+    workers = _Workers([model], max_waiting=4)
+    assert await workers.acquire() is model
+    waiter = asyncio.create_task(workers.acquire())
+    await asyncio.sleep(0)  # it waits for the one worker
+    workers.release(model)  # handed over ...
+    waiter.cancel()  # ... and cancelled before it could run
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert workers.busy == 0 and await workers.acquire() is model
+    # a turn cancelled while still waiting leaves the queue, and the worker stays free for
+    # the next one
+    waiter = asyncio.create_task(workers.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert len(workers._waiting) == 0
+    workers.release(model)
+    assert await workers.acquire() is model
