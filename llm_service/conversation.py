@@ -543,7 +543,7 @@ class Conversation:
 
         # LLM_MAX_HISTORY_TURNS first (the turn planned counts), then the context budget.
         cap = self.limits.max_history_turns
-        drop = min(droppable, max(0, droppable + 1 - cap)) if cap else 0
+        drop = max(0, droppable + 1 - cap) if cap else 0  # cap >= 1: never past droppable
         total = fixed + sum(e.tokens for e in entries[boundary(drop) :])
         if total > budget:
             # Full: free a block (a quarter of the window) at once, so the turns after this

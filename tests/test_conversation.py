@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import aclosing
 from typing import Any
 
@@ -15,14 +16,22 @@ from llm_service.conversation import (
     Conversation,
     SessionConfig,
     Turn,
+    TurnLimits,
     TurnStats,
     estimate_tokens,
 )
-from llm_service.errors import ContextOverflow, InvalidConfig, UpstreamError
+from llm_service.errors import (
+    ContextOverflow,
+    InvalidConfig,
+    MessageTooLong,
+    RateLimited,
+    UpstreamError,
+)
 from llm_service.metrics import Telemetry
 from llm_service.protocol import messages
+from llm_service.timing import SlidingWindow
 from tests.fakes.backend import FakeBackend, Scripted
-from tests.support import make_settings
+from tests.support import FakeClock, make_settings
 
 
 def defaults() -> SessionConfig:
@@ -31,10 +40,14 @@ def defaults() -> SessionConfig:
 
 
 def conversation(
-    backend: FakeBackend, window: int = 8192, max_tokens: int = 256, system: str = ""
+    backend: FakeBackend,
+    window: int = 8192,
+    max_tokens: int = 256,
+    system: str = "",
+    limits: TurnLimits | None = None,
 ) -> Conversation:
     config = defaults().updated(system, {"max_tokens": max_tokens}, window)
-    return Conversation("s1", config, backend, window, Telemetry())
+    return Conversation("s1", config, backend, window, Telemetry(), limits or TurnLimits())
 
 
 def history(conv: Conversation) -> list[dict[str, Any]]:
@@ -196,3 +209,224 @@ def test_reset_starts_afresh_with_new_system_prompt() -> None:
     conv.entries.append(user)
     conv.reset(defaults().updated("new", {}, 8192))
     assert history(conv) == [{"role": "system", "content": "new"}]
+
+
+def test_estimate_is_a_quarter_token_a_character_and_half_a_token_an_extra_byte() -> None:
+    # ceil(chars / 4), plus (extra UTF-8 bytes + 1) // 2
+    assert [estimate_tokens(t) for t in ("a", "abcd", "abcde", "é", "éé", "🙂")] == [
+        1,
+        1,
+        2,
+        2,
+        2,
+        3,
+    ]
+    assert estimate_tokens("日本語のテキスト") == 2 + 8  # 8 characters, 16 extra bytes
+
+
+async def test_stats_are_the_turns_own_timings_and_the_engines_account() -> None:
+    backend = FakeBackend()
+    end = StreamEnd(
+        completion_tokens=9,
+        prompt_tokens=30,
+        done_reason="length",
+        engine_tokens_per_second=41.5,
+        prompt_cached_tokens=12,
+    )
+    backend.script.append(Scripted(["a", "b", "c"], end))
+    conv = conversation(backend)
+    turn = conv.start_turn("Hi")
+    _, stats = await run(turn)
+    assert turn.first_token_at is not None and turn.finished_at is not None
+    elapsed = turn.finished_at - turn.started_at
+    assert stats == TurnStats(
+        tokens_generated=9,
+        processing_time_ms=elapsed * 1000,
+        tokens_per_second=9 / elapsed,
+        time_to_first_token_ms=(turn.first_token_at - turn.started_at) * 1000,
+        prompt_tokens=30,
+        history_trimmed_turns=0,
+        token_frames=3,
+        done_reason="length",
+        engine_tokens_per_second=41.5,
+        time_to_first_chunk_ms=None,
+        prompt_tokens_cached=12,
+    )
+    assert 0 < stats.time_to_first_token_ms <= stats.processing_time_ms  # type: ignore[operator]
+
+
+async def test_without_the_engines_counts_the_stats_count_frames_and_the_planned_prompt() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["a", "b", "c", "d"]))
+    conv = conversation(backend, system="Be brief.")
+    _, stats = await run(conv.start_turn("Hi"))
+    assert (stats.tokens_generated, stats.token_frames) == (4, 4)
+    # "Be brief." 3 + 4, "Hi" 1 + 4, and the reply's primer 3
+    assert stats.prompt_tokens == 15
+    assert (stats.done_reason, stats.engine_tokens_per_second, stats.prompt_tokens_cached) == (
+        None,
+        None,
+        None,
+    )
+    assert [e.tokens for e in conv.entries] == [5, 1 + 4]  # "abcd": counted, as no engine said
+
+
+async def test_a_turn_reports_its_figures_to_the_metrics_as_its_stats_say() -> None:
+    backend = FakeBackend()
+    end = StreamEnd(completion_tokens=9, prompt_tokens=30, prompt_cached_tokens=12)
+    backend.script.append(Scripted(["a", "b", "c"], end))
+    conv = conversation(backend)
+    _, stats = await run(conv.start_turn("Hi"))
+    registry = conv.telemetry.registry
+    value = registry.get_sample_value
+    assert stats.time_to_first_token_ms is not None
+    assert value("llm_service_turn_duration_seconds_sum") == stats.processing_time_ms / 1000
+    assert value("llm_service_time_to_first_token_seconds_sum") == (
+        stats.time_to_first_token_ms / 1000
+    )
+    assert value("llm_service_time_to_first_chunk_seconds_count") == 0
+    assert value("llm_service_turns_total", {"outcome": "completed"}) == 1
+    assert value("llm_service_tokens_generated_total") == 9
+    assert value("llm_service_prompt_tokens_total") == 30
+    assert value("llm_service_prompt_tokens_cached_total") == 12
+    # the hot path's gaps: one fewer than the frames, each a positive time within the turn
+    assert value("llm_service_inter_token_gap_seconds_count") == 2
+    gaps = value("llm_service_inter_token_gap_seconds_sum")
+    assert gaps is not None and 0 < gaps <= stats.processing_time_ms / 1000
+
+
+async def test_the_session_summary_counts_turns_tokens_and_messages() -> None:
+    backend = FakeBackend()
+    backend.script.extend(
+        [Scripted(["a", "b"], StreamEnd(completion_tokens=7)), Scripted(["c", "d", "e"])]
+    )
+    conv = conversation(backend, system="Be brief.")
+    await run(conv.start_turn("one"))
+    await run(conv.start_turn("two"))
+    conv.started_at = time.monotonic() - 1.2344  # an age that is not a round figure
+    summary = conv.summary()
+    assert (summary.turns, summary.tokens_generated, summary.history_messages) == (2, 10, 5)
+    assert summary.duration_s >= 1.234 and summary.duration_s == round(summary.duration_s, 3)
+
+
+def test_max_tokens_one_below_the_window_is_taken_and_at_it_refused_in_words() -> None:
+    assert defaults().updated(None, {"max_tokens": 4095}, 4096).sampling.max_tokens == 4095
+    with pytest.raises(InvalidConfig) as refused:
+        defaults().updated(None, {"max_tokens": 4096}, 4096)
+    assert refused.value.message == (
+        "max_tokens (4096) must be smaller than the context window (4096), "
+        "which must also hold the prompt"
+    )
+
+
+async def test_a_message_of_exactly_max_chars_is_taken_and_one_more_refused_in_words() -> None:
+    conv = conversation(FakeBackend(), limits=TurnLimits(max_chars=10))
+    await run(conv.start_turn("x" * 10))
+    with pytest.raises(MessageTooLong) as refused:
+        conv.start_turn("x" * 11)
+    assert refused.value.message == "the message has 11 characters; the limit is 10"
+    assert conv.turns == 1 and len(conv.entries) == 2
+
+
+async def test_a_rate_limited_turn_is_told_in_words_and_milliseconds_when_to_retry() -> None:
+    clock = FakeClock()
+    conv = conversation(FakeBackend(), limits=TurnLimits(per_minute=2))
+    conv._rate = SlidingWindow(2, clock=clock)
+    for text in ("one", "two"):
+        await run(conv.start_turn(text))
+    clock.now += 17.4996  # 42.5004 s of the minute left
+    with pytest.raises(RateLimited) as refused:
+        conv.start_turn("three")
+    assert refused.value.message == "at most 2 turns a minute on one connection; retry later"
+    assert refused.value.retry_after_ms == 42_500
+    clock.now += 42.5  # 0.4 ms left: rounds to 0, but a wait is never told as 0
+    with pytest.raises(RateLimited) as refused:
+        conv.start_turn("three")
+    assert refused.value.retry_after_ms == 1
+    clock.now += 0.001
+    await run(conv.start_turn("three"))
+    assert conv.turns == 3
+
+
+async def test_a_message_that_exactly_fills_the_budget_fits_and_one_more_is_refused() -> None:
+    backend = FakeBackend(tokens_per_char=1.0)
+    conv = conversation(backend, window=600, max_tokens=100, system="sys")
+    # the budget is 600 - 100 - 3 = 497: the system prompt takes 3 + 4, "x" * 486 takes 490
+    with pytest.raises(ContextOverflow) as refused:
+        conv.start_turn("x" * 487)
+    assert refused.value.message == (
+        "the message, the system prompt and the tools need more than the 497 tokens the "
+        "context window (600) leaves beside max_tokens (100)"
+    )
+    assert conv.current is None and conv.turns == 0
+    turn = conv.start_turn("x" * 486)
+    assert turn.prompt_tokens == 497 + REPLY_PRIMER
+
+
+async def history_of_turns(conv: Conversation, backend: FakeBackend, turns: int) -> None:
+    """`turns` turns of 100 tokens each (a user message and a reply of 46 + 4)."""
+    for i in range(turns):
+        backend.script.append(Scripted(["r" * 46]))
+        await run(conv.start_turn(f"{i}" * 46))
+
+
+async def test_a_prompt_exactly_at_the_budget_drops_nothing() -> None:
+    backend = FakeBackend(tokens_per_char=1.0)
+    conv = conversation(backend, window=600, max_tokens=100, system="sys")
+    await history_of_turns(conv, backend, 4)
+    # 7 + 4 x 100 + (86 + 4) = 497: the budget, exactly
+    turn = conv.start_turn("n" * 86)
+    assert (turn.dropped, turn.dropped_turns, turn.prompt_tokens) == (0, 0, 497 + REPLY_PRIMER)
+
+
+async def test_a_full_window_stops_dropping_once_exactly_a_quarter_of_it_is_free() -> None:
+    backend = FakeBackend(tokens_per_char=1.0)
+    conv = conversation(backend, window=600, max_tokens=100, system="sys")
+    await history_of_turns(conv, backend, 5)
+    # 7 + 500 + (36 + 4) = 547 > 497; the goal is 497 - 600 // 4 = 347, reached after two
+    turn = conv.start_turn("n" * 36)
+    assert (turn.dropped, turn.dropped_turns, turn.prompt_tokens) == (4, 2, 347 + REPLY_PRIMER)
+    assert [m.content[0] for m in turn.prompt] == ["s", "2", "r", "3", "r", "4", "r", "n"]
+
+
+async def test_a_history_cap_of_one_turn_sends_only_the_new_message() -> None:
+    backend = FakeBackend()
+    conv = conversation(backend, system="sys", limits=TurnLimits(max_history_turns=1))
+    _, first = await run(conv.start_turn("one"))
+    assert first.history_trimmed_turns == 0
+    _, second = await run(conv.start_turn("two"))
+    assert second.history_trimmed_turns == 1
+    assert [(m.role, m.content) for m in backend.calls[1].messages] == [
+        ("system", "sys"),
+        ("user", "two"),
+    ]
+
+
+@pytest.mark.parametrize(("engine_says", "user_tokens"), [(11, 1), (10, 2 + MESSAGE_OVERHEAD)])
+async def test_the_engines_prompt_count_corrects_the_message_only_to_a_positive_size(
+    engine_says: int, user_tokens: int
+) -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["ok"], StreamEnd(prompt_tokens=engine_says)))
+    conv = conversation(backend, system="Be brief.")
+    turn = conv.start_turn("Hi there")  # estimated 2 + 4; the rest of the prompt 7 + 3
+    assert turn.prompt_tokens == 16
+    await run(turn)
+    assert conv.entries[0].tokens == user_tokens
+
+
+async def test_a_failed_turn_keeps_its_error_and_counts_no_trimmed_turns() -> None:
+    backend = FakeBackend(tokens_per_char=1.0)
+    conv = conversation(backend, window=600, max_tokens=100, system="sys")
+    await history_of_turns(conv, backend, 5)
+    gone = UpstreamError("gone")
+    backend.script.append(Scripted(["part"], error=gone))
+    turn = conv.start_turn("5" * 46)
+    assert turn.dropped_turns == 3
+    with pytest.raises(UpstreamError):
+        await run(turn)
+    assert turn.error is gone
+    value = conv.telemetry.registry.get_sample_value
+    assert value("llm_service_turns_total", {"outcome": "failed"}) == 1
+    assert value("llm_service_history_trimmed_turns_total") == 0
+    assert history(conv)[-1] == {"role": "assistant", "content": "part", "status": "incomplete"}

@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,21 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from llm_service.backends import BackendChoice
-from llm_service.backends.base import ChatMessage, ToolCall
-from llm_service.conversation import Conversation, SessionConfig, Turn
-from llm_service.errors import ContextOverflow, InvalidMessage
+from llm_service.backends.base import ChatMessage, ChatRequest, StreamItem, ToolCall, ToolCalls
+from llm_service.conversation import (
+    MESSAGE_OVERHEAD,
+    Conversation,
+    SessionConfig,
+    ToolChoice,
+    Turn,
+)
+from llm_service.errors import (
+    ContextOverflow,
+    InvalidConfig,
+    InvalidMessage,
+    MalformedToolCall,
+    UpstreamError,
+)
 from llm_service.metrics import Telemetry
 from llm_service.protocol import messages
 from tests.fakes.backend import FakeBackend, Scripted
@@ -263,6 +275,121 @@ async def test_the_tools_count_against_the_context_budget() -> None:
     assert with_tools.tools_tokens > 20 and plain.tools_tokens == 0
     gap = with_tools.start_turn("Hi").prompt_tokens - plain.start_turn("Hi").prompt_tokens
     assert gap == with_tools.tools_tokens
+
+
+def test_a_tool_choice_the_tools_cannot_meet_is_an_invalid_config_in_words() -> None:
+    with_clock = conversation(FakeBackend()).config
+    plain = SessionConfig("", with_clock.sampling)
+    nope: ToolChoice = {"type": "function", "function": {"name": "nope"}}
+    cases: list[tuple[SessionConfig, ToolChoice, str]] = [
+        (plain, "required", "tool_choice: 'required' needs tools"),
+        (with_clock, nope, "tool_choice: no tool of the session is named 'nope'"),
+    ]
+    for config, choice, why in cases:
+        with pytest.raises(InvalidConfig) as refused:
+            config.updated(None, {}, 8192, tool_choice=choice)
+        assert refused.value.message == why
+    named: ToolChoice = {"type": "function", "function": {"name": "get_time"}}
+    assert with_clock.updated(None, {}, 8192, tool_choice=named).tool_choice == named
+    given_tools = plain.updated(None, {}, 8192, tools=[CLOCK], tool_choice="required")
+    assert (given_tools.tools, given_tools.tool_choice) == ((CLOCK,), "required")
+
+
+async def test_abandoned_calls_are_each_counted_and_stay_pending_if_the_message_cannot_fit() -> (
+    None
+):
+    backend = FakeBackend()
+    backend.script.extend([Scripted([], calls=(call("c1"), call("c2", "Porto"))), Scripted(["Hi"])])
+    conv = conversation(backend, window=600)
+    await run(conv.start_turn("Time in Lisbon and Porto?"))
+    value = conv.telemetry.registry.get_sample_value
+    assert value("llm_service_tool_calls_total", {"outcome": "called"}) == 2
+    before = messages(conv.messages())
+    with pytest.raises(ContextOverflow):
+        conv.start_turn("x" * 4000)
+    assert messages(conv.messages()) == before  # no "cancelled" result stayed
+    assert conv.pending_calls == (call("c1"), call("c2", "Porto"))
+    assert value("llm_service_tool_calls_total", {"outcome": "cancelled"}) == 0
+    await run(conv.start_turn("Never mind."))
+    assert value("llm_service_tool_calls_total", {"outcome": "cancelled"}) == 2
+    assert [(e.role, e.content, e.tool_call_id) for e in conv.entries[2:4]] == [
+        ("tool", "cancelled", "c1"),
+        ("tool", "cancelled", "c2"),
+    ]
+
+
+async def test_results_too_big_for_the_window_are_refused_in_words() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted([], calls=(call("c1"),)))
+    conv = conversation(backend, window=600)
+    await run(conv.start_turn("Time in Lisbon?"))
+    with pytest.raises(ContextOverflow) as refused:
+        conv.answer_tools([("c1", "x" * 4000)], None)
+    # 600 - max_tokens 64 - the reply's primer 3
+    assert refused.value.message == (
+        "the turn with its tool results, the system prompt and the tools need more than the "
+        "533 tokens the context window (600) leaves beside max_tokens (64)"
+    )
+
+
+async def test_a_reply_with_calls_is_counted_with_its_calls_as_json() -> None:
+    backend = FakeBackend(tokens_per_char=1.0)
+    backend.script.append(Scripted(["Let me look."], calls=(call("c1"),)))
+    conv = conversation(backend)
+    size = len("Let me look." + '[["c1","get_time",{"city":"Lisbon"}]]') + MESSAGE_OVERHEAD
+    assert conv.count("Let me look.", (call("c1"),)) == size
+    await run(conv.start_turn("Time?"))
+    assert conv.entries[-1].tokens == size
+
+
+async def test_a_follow_up_to_results_may_drop_every_turn_before_its_own() -> None:
+    backend = FakeBackend(tokens_per_char=1.0)
+    conv = conversation(backend, window=1000)  # a budget of 1000 - 64 - 3 = 933
+    for i in range(2):  # 100 tokens each
+        backend.script.append(Scripted(["r" * 46]))
+        await run(conv.start_turn(f"{i}" * 46))
+    backend.script.append(Scripted([], calls=(call("c1"),)))
+    await run(conv.start_turn("Time?"))
+    # the tools and the system prompt 203, the old turns 200, this turn 50 + the result 504:
+    # 957 is full, and even with both old turns gone 757 is above the goal (933 - 250)
+    follow = conv.answer_tools([("c1", "x" * 500)], None)
+    assert follow.dropped_turns == 2
+    assert [m.role for m in follow.prompt] == ["system", "user", "assistant", "tool"]
+    assert follow.prompt[1].content == "Time?"
+
+
+class CallsThenFailure(FakeBackend):
+    """An engine that sends text and calls, then fails before its reply ends."""
+
+    async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
+        self.calls.append(request)
+        yield "Checking."
+        yield ToolCalls((call("c1"),))
+        raise UpstreamError("gone")
+
+
+async def test_calls_of_a_reply_that_then_fails_are_not_kept_or_counted() -> None:
+    conv = conversation(CallsThenFailure())
+    with pytest.raises(UpstreamError):
+        await run(conv.start_turn("Time?"))
+    assert conv.pending_calls == () and conv.entries[-1].tool_calls == ()
+    assert (conv.entries[-1].content, conv.entries[-1].status) == ("Checking.", "incomplete")
+    value = conv.telemetry.registry.get_sample_value
+    assert value("llm_service_tool_calls_total", {"outcome": "called"}) == 0
+
+
+async def test_a_malformed_call_ends_the_turn_as_failed_and_is_counted_once() -> None:
+    backend = FakeBackend()
+    bad = MalformedToolCall("the fake engine sent a tool call without a function name")
+    backend.script.append(Scripted(["Hm"], error=bad))
+    conv = conversation(backend)
+    turn = conv.start_turn("Time?")
+    with pytest.raises(MalformedToolCall):
+        await run(turn)
+    assert turn.error is bad
+    value = conv.telemetry.registry.get_sample_value
+    assert value("llm_service_tool_calls_total", {"outcome": "malformed"}) == 1
+    assert value("llm_service_turns_total", {"outcome": "failed"}) == 1
 
 
 # -- over real sockets: Ollama -------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from tests.fakes.ollama import FakeOllama, Reply, ollama_call
 from tests.fakes.otlp import Collector, Span
 from tests.support import CLOCK, make_settings, running_service, tokens_of
@@ -179,3 +181,34 @@ async def test_a_failed_turns_span_records_the_code_and_message_of_its_error_fra
         "llm_service.outcome": "failed",
         "error.type": error["code"],
     }
+
+
+@pytest.mark.slow
+async def test_the_queue_span_is_the_wait_for_an_embedded_worker(collector: Collector) -> None:
+    # One worker: the second turn's request starts only once the first reply has streamed.
+    settings = make_settings(
+        llm_backend="llamacpp", num_workers=1, otel_exporter_otlp_endpoint=collector.url
+    )
+    async with running_service(settings) as service:
+        clients = [await service.connect() for _ in range(2)]
+        for client in clients:
+            await client.start()
+        config = {"temperature": 0.0, "max_tokens": 24}
+        for client in clients:
+            await client.send({"type": "start_session", "config": config})
+            assert (await client.recv())["type"] == "session_configured"
+        for client in clients:
+            await client.send({"type": "user_message", "text": "Name three colours."})
+        for client in clients:
+            await client.recv_until("response_complete", limit=120)
+            await client.close()
+
+    turns = collector.turns()
+    assert len(turns) == 2
+    spans = [collector.children(t) for t in turns]
+    assert all(sorted(s) == ["turn.queue", "turn.stream", "turn.upstream"] for s in spans)
+    first, second = sorted(spans, key=lambda s: s["turn.upstream"][0].start_ns)
+    # the second waited in the queue while the first was streaming
+    assert second["turn.queue"][0].end_ns > first["turn.stream"][0].start_ns
+    assert {t.attributes["gen_ai.provider.name"] for t in turns} == {"llamacpp"}
+    assert {t.attributes["llm_service.upstream"] for t in turns} == {"embedded"}

@@ -8,6 +8,7 @@ socket in front of the fake Ollama and check the frames as a voice client reads 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import aclosing
 from typing import Any
@@ -197,6 +198,26 @@ async def test_with_chunking_the_gaps_between_tokens_fit_within_the_turn() -> No
     assert gaps <= stats.processing_time_ms / 1000
 
 
+async def test_with_chunking_the_stats_and_metrics_time_the_first_piece_and_token() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["Well, I", " think so. And", " more"]))
+    conv = conversation(backend, "sentence")
+    turn = conv.start_turn("Sure?")
+    frames, stats = await run(turn)
+    assert frames == ["Well, I think so. ", "And more"]
+    assert (stats.tokens_generated, stats.token_frames) == (3, 2)
+    assert turn.first_piece_at is not None and turn.first_token_at is not None
+    assert stats.time_to_first_chunk_ms == (turn.first_piece_at - turn.started_at) * 1000
+    assert stats.time_to_first_token_ms == (turn.first_token_at - turn.started_at) * 1000
+    value = conv.telemetry.registry.get_sample_value
+    assert value("llm_service_time_to_first_chunk_seconds_sum") == (
+        stats.time_to_first_chunk_ms / 1000
+    )
+    assert value("llm_service_time_to_first_token_seconds_sum") == (
+        stats.time_to_first_token_ms / 1000
+    )
+
+
 async def test_with_chunking_the_first_chunk_time_is_when_the_first_piece_went_out() -> None:
     gate = asyncio.Event()
     backend = FakeBackend()
@@ -257,6 +278,13 @@ async def test_a_cancel_while_a_piece_is_being_sent_hands_on_nothing_more() -> N
     assert received == ["Well, I think so. "]  # its send cut short: not delivered
     assert turn.flushed == "" and turn.parts == []
     assert conv.entries == []  # no text was handed on: the history is as it was
+
+
+async def test_a_turn_without_a_response_id_gets_resp_and_32_hex_digits() -> None:
+    conv = conversation(FakeBackend())
+    made = {conv.start_turn("Hi").response_id for _ in range(2)}
+    assert len(made) == 2
+    assert all(re.fullmatch(r"resp_[0-9a-f]{32}", rid) for rid in made), made
 
 
 # -- over the socket -----------------------------------------------------------------------
