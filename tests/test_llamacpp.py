@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+# llama_cpp opens two files when imported and never closes them: imported here, at
+# collection, rather than first inside a test, their close at exit raises no warning.
+import llama_cpp  # noqa: F401
 import pytest
 
-from llm_service.backends.llamacpp import _Workers, packaged_model_path
-from llm_service.errors import EngineBusy
+from llm_service.backends.llamacpp import LlamaCppBackend, _Workers, packaged_model_path
+from llm_service.errors import EngineBusy, ModelFileError
 from tests.fakes.ollama import FakeOllama
 from tests.support import Client, RunningService, bound_socket, make_settings, running_service
 from tests.support import tokens_of as texts
@@ -273,3 +277,10 @@ async def test_a_worker_handed_to_a_turn_cancelled_at_that_moment_goes_back() ->
     assert len(workers._waiting) == 0
     workers.release(model)
     assert await workers.acquire() is model
+
+
+def test_a_model_file_that_is_not_there_is_named_in_the_error(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.gguf"
+    with pytest.raises(ModelFileError) as error:
+        LlamaCppBackend(missing, context_window=512, threads=1)
+    assert str(error.value) == f"model file not found: {missing} (LLAMACPP_MODEL_PATH)"
