@@ -15,6 +15,7 @@ import pytest
 from llm_service.backends.base import (
     ChatMessage,
     ChatRequest,
+    StreamEnd,
     StreamItem,
     ToolCall,
     ToolCalls,
@@ -344,6 +345,46 @@ async def test_an_error_status_raises_by_its_class_of_failure(
     error = await chat_error(backend)
     assert type(error) is kind
     assert error.message == f"Ollama answered {status}: busy"
+
+
+async def test_a_replys_end_carries_ollamas_counts_and_the_speed_of_its_evaluation(
+    fake_ollama: FakeOllama, backend: OllamaBackend
+) -> None:
+    """The done line's counters become the stream's end: 10 tokens evaluated in 250 ms are
+    40 tokens a second by the engine's own clock."""
+    fake_ollama.script(
+        Reply(
+            chunks=["Hi"],
+            eval_count=10,
+            eval_duration=250_000_000,
+            prompt_eval_count=7,
+            prompt_eval_cached_count=3,
+            done_reason="length",
+        )
+    )
+    items = await streamed(backend)
+    assert items == [
+        "Hi",
+        StreamEnd(
+            completion_tokens=10,
+            prompt_tokens=7,
+            prompt_cached_tokens=3,
+            done_reason="length",
+            engine_tokens_per_second=40.0,
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("eval_count", "eval_duration"), [(0, 250_000_000), (10, None), (10, 0)])
+async def test_a_reply_without_both_counters_has_no_engine_speed(
+    fake_ollama: FakeOllama, backend: OllamaBackend, eval_count: int, eval_duration: int | None
+) -> None:
+    """No tokens counted, or no time given for them, gives no engine speed: never a zero,
+    never a division by nothing."""
+    fake_ollama.script(Reply(chunks=["Hi"], eval_count=eval_count, eval_duration=eval_duration))
+    end = (await streamed(backend))[-1]
+    assert isinstance(end, StreamEnd)
+    assert (end.completion_tokens, end.engine_tokens_per_second) == (eval_count, None)
 
 
 @pytest.mark.parametrize("line", [b"[1]", b'"text"', b"5", b'"error"', b'{"message": 5}'])

@@ -47,6 +47,7 @@ class Reply:
     gate_at: int = 1
     hold_open: bool = False  # after the done line, leave the body open until the client goes
     eval_count: int | None = None  # default: fake_token_count of the reply text
+    eval_duration: int | None = 200_000_000  # ns; None: left out of the done line
     prompt_eval_count: int | None = None  # default: fake_token_count(messages)
     # Of prompt_eval_count, the tokens Ollama took from its prompt cache (0.33+ sends it).
     prompt_eval_cached_count: int | None = None
@@ -367,8 +368,9 @@ class FakeOllama:
             "prompt_eval_count": fake_token_count(messages) if prompt is None else prompt,
             "prompt_eval_duration": 40_000_000,
             "eval_count": eval_count,
-            "eval_duration": 200_000_000,
         }
+        if reply.eval_duration is not None:
+            counts["eval_duration"] = reply.eval_duration
         if reply.prompt_eval_cached_count is not None:
             counts["prompt_eval_cached_count"] = reply.prompt_eval_cached_count
         return counts
