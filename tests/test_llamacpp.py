@@ -284,3 +284,23 @@ def test_a_model_file_that_is_not_there_is_named_in_the_error(tmp_path: Path) ->
     with pytest.raises(ModelFileError) as error:
         LlamaCppBackend(missing, context_window=512, threads=1)
     assert str(error.value) == f"model file not found: {missing} (LLAMACPP_MODEL_PATH)"
+
+
+def test_the_packaged_model_is_the_gguf_file_its_package_installed() -> None:
+    path = packaged_model_path()
+    assert (path.name, path.is_file()) == ("SmolLM2-135M-Instruct.Q4_1.gguf", True)
+
+
+def test_a_model_package_that_is_not_installed_is_named_with_how_to_install_it() -> None:
+    with pytest.raises(ModelFileError) as error:
+        packaged_model_path("no-such-model-package")
+    assert str(error.value) == (
+        "the package no-such-model-package is not installed (pip install -r requirements.txt),"
+        " and LLAMACPP_MODEL_PATH is not set"
+    )
+
+
+def test_a_model_package_without_a_gguf_file_is_named() -> None:
+    with pytest.raises(ModelFileError) as error:
+        packaged_model_path("orjson")  # installed, and holds no model
+    assert str(error.value) == "the package orjson holds no .gguf file"

