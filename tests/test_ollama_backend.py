@@ -221,6 +221,49 @@ async def test_a_pull_from_an_ollama_that_refuses_connections_raises_upstream_un
     )
 
 
+# --- a chat stream ---------------------------------------------------------------------------
+
+
+async def test_a_chat_request_is_sent_as_json_with_no_trace_when_the_turn_has_none(
+    fake_ollama: FakeOllama, backend: OllamaBackend
+) -> None:
+    await streamed(backend)
+    headers = {name.lower(): value for name, value in fake_ollama.chats[0].headers.items()}
+    assert headers["content-type"] == "application/json"
+    assert "traceparent" not in headers
+
+
+async def test_empty_lines_between_chunks_are_skipped(
+    fake_ollama: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake_ollama.script(Reply(chunks=["Hi", " there"], blank_lines=True))
+    items = await streamed(backend)
+    assert items[:-1] == ["Hi", " there"] and isinstance(items[-1], StreamEnd)
+
+
+async def test_a_chat_with_an_ollama_that_refuses_connections_raises_upstream_unavailable(
+    fake_ollama: FakeOllama, backend: OllamaBackend
+) -> None:
+    await fake_ollama.refuse()
+    error = await chat_error(backend)
+    assert type(error) is UpstreamUnavailable
+    assert error.message == (
+        f"Ollama at {fake_ollama.url} cannot be reached (connection refused or host unreachable)"
+    )
+
+
+async def test_a_connection_dropped_mid_reply_raises_upstream_error_naming_the_engine(
+    fake_ollama: FakeOllama, backend: OllamaBackend
+) -> None:
+    """The words depend on where the read was when the connection went; the engine and the
+    moment do not."""
+    fake_ollama.script(Reply(chunks=["Hi", " there"], drop_after=1))
+    error = await chat_error(backend)
+    assert type(error) is UpstreamError
+    assert error.message.startswith(f"Ollama at {fake_ollama.url} ")
+    assert error.message.endswith(" mid-reply")
+
+
 # --- tool calls in a chat stream -------------------------------------------------------------
 
 

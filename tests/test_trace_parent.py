@@ -212,3 +212,22 @@ async def test_the_queue_span_is_the_wait_for_an_embedded_worker(collector: Coll
     assert second["turn.queue"][0].end_ns > first["turn.stream"][0].start_ns
     assert {t.attributes["gen_ai.provider.name"] for t in turns} == {"llamacpp"}
     assert {t.attributes["llm_service.upstream"] for t in turns} == {"embedded"}
+
+
+async def test_an_ollama_request_carries_its_upstream_span_which_names_the_upstream(
+    fake_ollama: FakeOllama, collector: Collector
+) -> None:
+    settings = make_settings(
+        ollama_base_url=fake_ollama.url, otel_exporter_otlp_endpoint=collector.url
+    )
+    async with running_service(settings) as service:
+        client = await service.connect()
+        await client.start()
+        assert (await client.turn("Hello"))[-1]["type"] == "response_complete"
+        await client.close()
+    [turn] = collector.turns()
+    [upstream] = collector.children(turn)["turn.upstream"]
+    assert turn.attributes["llm_service.upstream"] == fake_ollama.url
+    assert upstream.attributes["llm_service.upstream"] == fake_ollama.url
+    sent = fake_ollama.chats[0].headers["traceparent"].split("-")
+    assert sent[1:3] == [turn.trace_id, upstream.span_id]  # the engine's request is its child

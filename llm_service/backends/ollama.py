@@ -102,18 +102,11 @@ class OllamaBackend:
         options: dict[str, Any] = {"num_ctx": request.context_window}
         for name, value in request.sampling:  # under Ollama's names; unset ones left to Ollama
             if value is not None and value != ():
-                options[_OLLAMA_OPTION.get(name, name)] = (
-                    list(value) if isinstance(value, tuple) else value
-                )
+                options[_OLLAMA_OPTION.get(name, name)] = value  # a tuple is sent as a list
         options.update(self._extra_options)
         body = {
             "model": self.model,
-            "messages": [
-                _tool_message(m)
-                if m.tool_calls or m.tool_name
-                else {"role": m.role, "content": m.content}
-                for m in request.messages
-            ],
+            "messages": [_message(m) for m in request.messages],
             "stream": True,
             "keep_alive": self._keep_alive,
             "options": options,
@@ -241,8 +234,9 @@ def _keep_alive_value(keep_alive: str) -> str | int | float:
     return int(number) if number.is_integer() else number
 
 
-def _tool_message(message: ChatMessage) -> dict[str, Any]:
-    """An assistant message with its calls, or a tool's result, as Ollama takes them."""
+def _message(message: ChatMessage) -> dict[str, Any]:
+    """A message as Ollama takes it: an assistant's with its calls, a tool's result with the
+    tool's name."""
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         out["tool_calls"] = [

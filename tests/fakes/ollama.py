@@ -43,6 +43,7 @@ class Reply:
     stall_after: int | None = None  # stop sending after this many chunks, until the client goes
     garbage_after: int | None = None  # after this many chunks, a line that is not JSON; a stall
     garbage: bytes = b"<html>502 Bad Gateway</html>"  # that line (JSON not an object, say)
+    blank_lines: bool = False  # an empty line before each chunk's (NDJSON readers skip them)
     gate: asyncio.Event | None = None  # wait for this before the chunk at index gate_at
     gate_at: int = 1
     hold_open: bool = False  # after the done line, leave the body open until the client goes
@@ -321,6 +322,8 @@ class FakeOllama:
             pause = reply.first_delay if index == 0 else reply.delay
             if pause:
                 await asyncio.sleep(pause)
+            if reply.blank_lines:
+                await response.write(b"\n")
             await _line(response, self._message(model, chunk, False))
             record.chunks_sent += 1
         groups = [[c] for c in reply.tool_calls] if reply.tool_calls_apart else [reply.tool_calls]
