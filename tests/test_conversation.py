@@ -14,6 +14,7 @@ from llm_service.conversation import (
     MESSAGE_OVERHEAD,
     REPLY_PRIMER,
     Conversation,
+    Entry,
     SessionConfig,
     Turn,
     TurnLimits,
@@ -31,7 +32,7 @@ from llm_service.metrics import Telemetry
 from llm_service.protocol import messages
 from llm_service.timing import SlidingWindow
 from tests.fakes.backend import FakeBackend, Scripted
-from tests.support import FakeClock, make_settings
+from tests.support import CLOCK, FakeClock, make_settings
 
 
 def defaults() -> SessionConfig:
@@ -295,6 +296,31 @@ async def test_a_turn_reports_its_figures_to_the_metrics_as_its_stats_say() -> N
     assert gaps is not None and 0 < gaps <= stats.processing_time_ms / 1000
 
 
+def test_what_a_config_change_leaves_out_keeps_the_value_it_had() -> None:
+    configured = defaults().updated(
+        "Be brief.", {"temperature": 0.3}, 4096, "clause", [CLOCK], "required"
+    )
+    assert configured.updated(None, {}, 4096) == configured
+    assert (configured.system_prompt, configured.tool_choice) == ("Be brief.", "required")
+
+
+async def test_the_history_of_a_turn_in_flight_ends_with_its_reply_as_far_as_it_went() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["one ", "two ", "three"]))
+    conv = conversation(backend, system="Be brief.")
+    turn = conv.start_turn("count")
+    async with aclosing(turn.stream()) as stream:
+        # a chunk is delivered once the consumer asks for the next: "three" is still out
+        assert [await anext(stream) for _ in range(3)] == ["one ", "two ", "three"]
+        entries = conv.messages()
+    assert [(e.role, e.content) for e in entries[:2]] == [
+        ("system", "Be brief."),
+        ("user", "count"),
+    ]
+    # not yet counted: a reply's tokens are known when it ends
+    assert entries[2] == Entry("assistant", "one two ", 0, "streaming", turn.response_id)
+
+
 async def test_the_session_summary_counts_turns_tokens_and_messages() -> None:
     backend = FakeBackend()
     backend.script.extend(
@@ -305,8 +331,18 @@ async def test_the_session_summary_counts_turns_tokens_and_messages() -> None:
     await run(conv.start_turn("two"))
     conv.started_at = time.monotonic() - 1.2344  # an age that is not a round figure
     summary = conv.summary()
+    age = time.monotonic() - conv.started_at
     assert (summary.turns, summary.tokens_generated, summary.history_messages) == (2, 10, 5)
-    assert summary.duration_s >= 1.234 and summary.duration_s == round(summary.duration_s, 3)
+    assert 1.234 <= summary.duration_s <= round(age, 3)
+    assert summary.duration_s == round(summary.duration_s, 3)
+
+
+async def test_a_session_without_a_system_prompt_counts_only_its_turns_messages() -> None:
+    backend = FakeBackend()
+    backend.script.append(Scripted(["a"]))
+    conv = conversation(backend)
+    await run(conv.start_turn("one"))
+    assert conv.summary().history_messages == 2
 
 
 def test_max_tokens_one_below_the_window_is_taken_and_at_it_refused_in_words() -> None:
