@@ -15,6 +15,7 @@ import pytest
 from llm_service.backends.base import (
     ChatMessage,
     ChatRequest,
+    EngineStatus,
     StreamEnd,
     StreamItem,
     ToolCall,
@@ -218,6 +219,52 @@ async def test_a_pull_from_an_ollama_that_refuses_connections_raises_upstream_un
     assert type(error) is UpstreamUnavailable
     assert error.message == (
         f"Ollama at {fake_ollama.url} cannot be reached (connection refused or host unreachable)"
+    )
+
+
+# --- status() --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "tags", "available"),
+    [
+        ("llama3.2", ["llama3.2:latest"], True),  # no tag is Ollama's :latest
+        ("llama3.2:latest", ["llama3.2"], True),
+        ("llama3.2:3b", ["llama3.2:latest"], False),
+        ("reg.local:5000/team/llama3.2", ["reg.local:5000/team/llama3.2:latest"], True),
+        ("reg.local:5000/team/llama3.2", ["reg.local:5000/team/llama3.2:8b"], False),
+    ],
+)
+async def test_the_probe_finds_the_model_under_ollamas_default_tag(
+    model: str, tags: list[str], available: bool
+) -> None:
+    """A name without a tag is the `:latest` one, both in the service's setting and in
+    Ollama's list; the colon of a registry's port is not a tag."""
+    async with FakeOllama(models=tuple(tags)) as fake:
+        backend = OllamaBackend(fake.url, model)
+        try:
+            status = await backend.status()
+        finally:
+            await backend.aclose()
+    assert status == EngineStatus(
+        reachable=True, detail=f"Ollama at {fake.url}", version="0.12.6", model_available=available
+    )
+
+
+@pytest.mark.parametrize("stalled", ["version", "tags"])
+async def test_a_probe_ollama_does_not_answer_gives_up_at_its_own_deadline(
+    fake_ollama: FakeOllama, backend: OllamaBackend, stalled: str
+) -> None:
+    """Each request of the probe has its own deadline (PROBE_TIMEOUT_S, 1 s), not the 125 s
+    a reply's read may take."""
+    gate = asyncio.Event()
+    setattr(fake_ollama, f"{stalled}_gate", gate)
+    try:
+        status = await asyncio.wait_for(backend.status(), LIMIT_S / 3)
+    finally:
+        gate.set()
+    assert status == EngineStatus(
+        reachable=False, detail=f"Ollama at {fake_ollama.url} sent nothing within the read timeout"
     )
 
 

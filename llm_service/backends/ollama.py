@@ -222,7 +222,8 @@ class OllamaBackend:
 
 
 def _tagged(name: str) -> str:
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+    """The name with Ollama's default tag where it has none (a registry's port is no tag)."""
+    return name if ":" in name.rpartition("/")[2] else f"{name}:latest"
 
 
 def _keep_alive_value(keep_alive: str) -> str | int | float:

@@ -122,6 +122,7 @@ class FakeOllama:
         self._site: web.TCPSite | None = None
         self._chat_arrived = asyncio.Condition()
         self.version_gate: asyncio.Event | None = None  # /api/version waits for it when set
+        self.tags_gate: asyncio.Event | None = None  # /api/tags waits for it when set
         self.pulls: list[dict[str, Any]] = []  # the /api/pull request bodies, in order
         # How /api/pull answers, where a test sets it: this status with {"error": pull_error}
         # (when not 200), else this body as sent (NDJSON lines, malformed ones included),
@@ -197,6 +198,8 @@ class FakeOllama:
 
     async def _tags(self, request: web.Request) -> web.Response:
         self._hit(request)
+        if self.tags_gate is not None:
+            await self.tags_gate.wait()
         models = [
             {
                 "name": m,
