@@ -251,6 +251,25 @@ async def test_the_probe_finds_the_model_under_ollamas_default_tag(
     )
 
 
+async def test_a_model_list_without_models_finds_no_model(
+    fake_ollama: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake_ollama.tags_body = b"{}"
+    status = await backend.status()
+    assert (status.reachable, status.model_available) == (True, False)
+
+
+@pytest.mark.parametrize("body", [b"<html>It works!</html>", b"[]", b'{"models": [5]}'])
+async def test_a_probe_answered_not_as_ollama_answers_says_so(
+    fake_ollama: FakeOllama, backend: OllamaBackend, body: bytes
+) -> None:
+    """A server on Ollama's port that is not Ollama (or not a version the service knows)."""
+    fake_ollama.tags_body = body
+    assert await backend.status() == EngineStatus(
+        reachable=False, detail=f"Ollama at {fake_ollama.url} answered, but not as Ollama does"
+    )
+
+
 @pytest.mark.parametrize("stalled", ["version", "tags"])
 async def test_a_probe_ollama_does_not_answer_gives_up_at_its_own_deadline(
     fake_ollama: FakeOllama, backend: OllamaBackend, stalled: str
@@ -278,6 +297,7 @@ async def test_a_chat_request_is_sent_as_json_with_no_trace_when_the_turn_has_no
     headers = {name.lower(): value for name, value in fake_ollama.chats[0].headers.items()}
     assert headers["content-type"] == "application/json"
     assert "traceparent" not in headers
+    assert fake_ollama.chats[0].body["keep_alive"] == "5m"  # by default, as Ollama's own
 
 
 async def test_empty_lines_between_chunks_are_skipped(

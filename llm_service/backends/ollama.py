@@ -82,7 +82,6 @@ class OllamaBackend:
         extra_options: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
-        self.base_url = base_url
         self.label = mask_url(base_url)  # how metrics and /health name it
         self.where = f"Ollama at {self.label}"  # how messages name it
         self._keep_alive = _keep_alive_value(keep_alive)

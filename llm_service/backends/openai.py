@@ -94,7 +94,6 @@ class OpenAIBackend:
         max_connections: int = 64,
     ) -> None:
         self.model = model
-        self.base_url = base_url
         self.label = mask_url(base_url)
         self.where = f"the engine at {self.label}"
         self._dialect = dialect

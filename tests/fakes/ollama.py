@@ -123,6 +123,7 @@ class FakeOllama:
         self._chat_arrived = asyncio.Condition()
         self.version_gate: asyncio.Event | None = None  # /api/version waits for it when set
         self.tags_gate: asyncio.Event | None = None  # /api/tags waits for it when set
+        self.tags_body: bytes | None = None  # /api/tags answers this, as sent, when set
         self.pulls: list[dict[str, Any]] = []  # the /api/pull request bodies, in order
         # How /api/pull answers, where a test sets it: this status with {"error": pull_error}
         # (when not 200), else this body as sent (NDJSON lines, malformed ones included),
@@ -200,6 +201,8 @@ class FakeOllama:
         self._hit(request)
         if self.tags_gate is not None:
             await self.tags_gate.wait()
+        if self.tags_body is not None:
+            return web.Response(body=self.tags_body, content_type="application/json")
         models = [
             {
                 "name": m,
