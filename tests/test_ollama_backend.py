@@ -297,7 +297,21 @@ async def test_a_chat_request_is_sent_as_json_with_no_trace_when_the_turn_has_no
     headers = {name.lower(): value for name, value in fake_ollama.chats[0].headers.items()}
     assert headers["content-type"] == "application/json"
     assert "traceparent" not in headers
+    assert "authorization" not in headers
     assert fake_ollama.chats[0].body["keep_alive"] == "5m"  # by default, as Ollama's own
+
+
+async def test_an_api_key_is_sent_as_a_bearer_token(
+    fake_ollama: FakeOllama,
+) -> None:
+    """For an Ollama behind a proxy that asks for one (OLLAMA_API_KEY)."""
+    backend = OllamaBackend(fake_ollama.url, DEFAULT_MODEL, api_key="s3cret")
+    try:
+        await streamed(backend)
+    finally:
+        await backend.aclose()
+    [chat] = fake_ollama.chats
+    assert {k.lower(): v for k, v in chat.headers.items()}["authorization"] == "Bearer s3cret"
 
 
 async def test_empty_lines_between_chunks_are_skipped(
