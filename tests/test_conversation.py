@@ -321,6 +321,19 @@ async def test_the_history_of_a_turn_in_flight_ends_with_its_reply_as_far_as_it_
     assert entries[2] == Entry("assistant", "one two ", 0, "streaming", turn.response_id)
 
 
+async def test_a_turn_timed_at_zero_has_no_speed_rather_than_a_division_by_zero() -> None:
+    """A clock too coarse to see the turn take time (perf_counter on some systems)."""
+    backend = FakeBackend()
+    backend.script.append(Scripted(["a", "b"]))
+    conv = conversation(backend)
+    turn = conv.start_turn("hi")
+    await run(turn)
+    turn.finished_at = turn.started_at
+    stats = turn.stats()
+    assert stats.tokens_generated == 2
+    assert (stats.processing_time_ms, stats.tokens_per_second) == (0.0, 0.0)
+
+
 async def test_the_session_summary_counts_turns_tokens_and_messages() -> None:
     backend = FakeBackend()
     backend.script.extend(
