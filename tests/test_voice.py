@@ -234,9 +234,12 @@ async def test_with_chunking_the_first_chunk_time_is_when_the_first_piece_went_o
     assert stats.time_to_first_chunk_ms <= handed_on_ms <= stats.processing_time_ms
 
 
-async def held_then_cancelled(turn: Turn, backend: FakeBackend, wait_in_send: bool) -> list[str]:
+async def held_then_cancelled(
+    turn: Turn, backend: FakeBackend, wait_in_send: bool, handed_on: bool = True
+) -> list[str]:
     """Stream `turn` in a task and cancel it as `cancel` does (the piece held is to be handed
-    on): while it waits on the engine, or (`wait_in_send`) while its first piece is sent."""
+    on), or as a socket gone does (`handed_on=False`): while it waits on the engine, or
+    (`wait_in_send`) while its first piece is sent."""
     received: list[str] = []
     sending = asyncio.Event()
 
@@ -251,7 +254,8 @@ async def held_then_cancelled(turn: Turn, backend: FakeBackend, wait_in_send: bo
     task = asyncio.create_task(consume())
     # the task runs until it waits on the engine's gate (or its send) before this wakes
     await asyncio.wait_for((sending if wait_in_send else backend.asked).wait(), 10)
-    turn.flush_on_stop = True
+    if handed_on:
+        turn.flush_on_stop = True
     task.cancel()
     await asyncio.wait({task}, timeout=10)
     assert task.cancelled()
@@ -267,6 +271,18 @@ async def test_a_cancel_before_the_first_piece_hands_on_the_text_held() -> None:
     assert turn.engine_chunks == 1  # "Well" came and is held: no boundary yet
     assert turn.flushed == "Well"
     assert conv.entries[-1].content == "Well" and conv.entries[-1].status == "interrupted"
+
+
+async def test_a_reply_stopped_with_nobody_to_hand_it_to_keeps_only_what_was_sent() -> None:
+    """A socket gone or a session ended, not a cancel: the piece held is not sent, so it
+    is not stored either."""
+    backend = FakeBackend()
+    backend.script.append(Scripted(["Well", " I think"], gate=asyncio.Event()))
+    conv = conversation(backend, "sentence")
+    turn = conv.start_turn("Directions?")
+    assert await held_then_cancelled(turn, backend, wait_in_send=False, handed_on=False) == []
+    assert turn.engine_chunks == 1 and turn.flushed == ""
+    assert conv.entries == []
 
 
 async def test_a_cancel_while_a_piece_is_being_sent_hands_on_nothing_more() -> None:
