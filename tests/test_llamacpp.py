@@ -11,7 +11,12 @@ from typing import Any
 import llama_cpp  # noqa: F401
 import pytest
 
-from llm_service.backends.llamacpp import LlamaCppBackend, _Workers, packaged_model_path
+from llm_service.backends.llamacpp import (
+    LlamaCppBackend,
+    _trained_context,
+    _Workers,
+    packaged_model_path,
+)
 from llm_service.errors import EngineBusy, ModelFileError
 from tests.fakes.ollama import FakeOllama
 from tests.support import Client, RunningService, bound_socket, make_settings, running_service
@@ -304,3 +309,38 @@ def test_a_model_package_without_a_gguf_file_is_named() -> None:
     with pytest.raises(ModelFileError) as error:
         packaged_model_path("orjson")  # installed, and holds no model
     assert str(error.value) == "the package orjson holds no .gguf file"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "trained"),
+    [
+        (
+            {
+                "general.architecture": "qwen2",
+                "qwen2.context_length": "32768",
+                "llama.context_length": "2048",
+            },
+            32768,
+        ),
+        ({"llama.context_length": "8192"}, 8192),  # no architecture named: llama's key
+    ],
+)
+def test_the_trained_context_is_read_under_the_models_architecture(
+    metadata: dict[str, str], trained: int
+) -> None:
+    assert _trained_context(metadata) == trained
+
+
+@pytest.mark.parametrize(
+    ("metadata", "why"),
+    [
+        ({"general.architecture": "qwen2"}, "'qwen2.context_length'"),
+        ({"llama.context_length": "many"}, "invalid literal for int() with base 10: 'many'"),
+    ],
+)
+def test_a_model_file_without_a_readable_context_length_is_refused_saying_why(
+    metadata: dict[str, str], why: str
+) -> None:
+    with pytest.raises(ModelFileError) as error:
+        _trained_context(metadata)
+    assert str(error.value) == f"the model file does not say its context length ({why})"
