@@ -522,9 +522,8 @@ class Conversation:
         entries = self.entries
         max_tokens = self.config.sampling.max_tokens
         budget = self.context_window - max_tokens - REPLY_PRIMER
-        starts = [i for i, e in enumerate(entries) if e.role == "user"]
-        if entries and starts[:1] != [0]:
-            starts.insert(0, 0)
+        # where each turn starts; what comes before the first user message is a turn of its own
+        starts = [i for i, e in enumerate(entries) if i == 0 or e.role == "user"]
         fixed = self.tools_tokens + (self.system.tokens if self.system else 0)
         droppable = len(starts)
         if user is not None:

@@ -321,6 +321,25 @@ async def test_the_history_of_a_turn_in_flight_ends_with_its_reply_as_far_as_it_
     assert entries[2] == Entry("assistant", "one two ", 0, "streaming", turn.response_id)
 
 
+async def test_what_comes_before_the_first_user_message_is_dropped_as_one_turn() -> None:
+    """A history restored from a session store may begin with entries no user message asked
+    for: once the window is full they go first, together, and the turn after them stays."""
+    backend = FakeBackend()
+    conv = conversation(backend, window=1000, max_tokens=100)
+    conv.entries = [
+        Entry("assistant", "Hello! I can help with your booking.", 400),
+        Entry("assistant", "Ask me anything.", 400),
+        Entry("user", "Is it Tuesday?", 100),
+        Entry("assistant", "It is.", 100),
+    ]
+    assert (await run(conv.start_turn("And tomorrow?")))[1].history_trimmed_turns == 1
+    assert [m.content for m in backend.calls[0].messages] == [
+        "Is it Tuesday?",
+        "It is.",
+        "And tomorrow?",
+    ]
+
+
 async def test_a_turn_timed_at_zero_has_no_speed_rather_than_a_division_by_zero() -> None:
     """A clock too coarse to see the turn take time (perf_counter on some systems)."""
     backend = FakeBackend()
