@@ -557,10 +557,7 @@ class Conversation:
         if user is not None:
             kept.append(user)
         prompt = [
-            ChatMessage(e.role, e.content, e.tool_calls, e.tool_call_id, e.tool_name)
-            if e.tool_calls or e.tool_call_id
-            else ChatMessage(e.role, e.content)
-            for e in kept
+            ChatMessage(e.role, e.content, e.tool_calls, e.tool_call_id, e.tool_name) for e in kept
         ]
         turn = Turn(
             self, user, prompt, total + REPLY_PRIMER, dropped, response_id or new_response_id()

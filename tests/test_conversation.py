@@ -13,6 +13,7 @@ from llm_service.backends.base import StreamEnd
 from llm_service.conversation import (
     MESSAGE_OVERHEAD,
     REPLY_PRIMER,
+    TRIM_BLOCK,
     Conversation,
     Entry,
     SessionConfig,
@@ -338,6 +339,38 @@ async def test_what_comes_before_the_first_user_message_is_dropped_as_one_turn()
         "It is.",
         "And tomorrow?",
     ]
+
+
+async def test_a_prompt_of_exactly_the_budget_fits_without_a_system_prompt() -> None:
+    """The budget is the window less max_tokens and the reply's primer; nothing else is
+    counted when there is no system prompt."""
+    backend = FakeBackend()
+    conv = conversation(backend, window=1000, max_tokens=100)
+    text = "And tomorrow?"
+    budget = 1000 - 100 - REPLY_PRIMER
+    conv.entries = [
+        Entry("user", "Is it Tuesday?", 100),
+        Entry("assistant", "It is.", budget - 100 - conv.count(text)),
+    ]
+    assert (await run(conv.start_turn(text)))[1].history_trimmed_turns == 0
+    assert len(backend.calls[0].messages) == 3
+
+
+async def test_a_full_window_frees_a_quarter_of_it_and_not_a_turn_more() -> None:
+    """1001 tokens: the goal is the budget less 250, a whole number of tokens, and a history
+    that reaches it exactly keeps the turn after."""
+    backend = FakeBackend()
+    conv = conversation(backend, window=1001, max_tokens=100)
+    text = "And tomorrow?"
+    goal = 1001 - 100 - REPLY_PRIMER - 1001 // TRIM_BLOCK
+    conv.entries = [
+        Entry("user", "Hi.", 300),
+        Entry("assistant", "Hello.", 300),
+        Entry("user", "Is it Tuesday?", 50),
+        Entry("assistant", "It is.", goal - 50 - conv.count(text)),
+    ]
+    assert (await run(conv.start_turn(text)))[1].history_trimmed_turns == 1
+    assert [m.content for m in backend.calls[0].messages] == ["Is it Tuesday?", "It is.", text]
 
 
 async def test_a_turn_timed_at_zero_has_no_speed_rather_than_a_division_by_zero() -> None:
