@@ -301,6 +301,23 @@ async def test_a_chat_request_is_sent_as_json_with_no_trace_when_the_turn_has_no
     assert fake_ollama.chats[0].body["keep_alive"] == "5m"  # by default, as Ollama's own
 
 
+@pytest.mark.parametrize(
+    ("setting", "sent"), [("10m", "10m"), ("300", 300), ("-1", -1), ("0", 0), ("1.5", 1.5)]
+)
+async def test_keep_alive_goes_as_a_duration_or_as_a_number_of_seconds(
+    fake_ollama: FakeOllama, setting: str, sent: str | float
+) -> None:
+    """Ollama reads a bare number as seconds, and a string only with a unit: a number
+    setting goes as a JSON number, whole where it is whole."""
+    backend = OllamaBackend(fake_ollama.url, DEFAULT_MODEL, keep_alive=setting)
+    try:
+        await streamed(backend)
+    finally:
+        await backend.aclose()
+    value = fake_ollama.chats[0].body["keep_alive"]
+    assert (value, type(value)) == (sent, type(sent))
+
+
 async def test_an_api_key_is_sent_as_a_bearer_token(
     fake_ollama: FakeOllama,
 ) -> None:

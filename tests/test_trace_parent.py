@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.ollama import FakeOllama, Reply, ollama_call
+from tests.fakes.ollama import DEFAULT_MODEL, FakeOllama, Reply, ollama_call
 from tests.fakes.otlp import Collector, Span
 from tests.support import CLOCK, make_settings, running_service, tokens_of
 
@@ -214,7 +214,16 @@ async def test_the_queue_span_is_the_wait_for_an_embedded_worker(collector: Coll
     assert {t.attributes["llm_service.upstream"] for t in turns} == {"embedded"}
 
 
-async def test_an_ollama_request_carries_its_upstream_span_which_names_the_upstream(
+WHO = (
+    "session.id",
+    "gen_ai.conversation.id",
+    "gen_ai.provider.name",
+    "gen_ai.request.model",
+    "llm_service.response_id",
+)
+
+
+async def test_a_turns_span_names_its_session_engine_and_model_and_its_request_is_its_child(
     fake_ollama: FakeOllama, collector: Collector
 ) -> None:
     settings = make_settings(
@@ -222,10 +231,18 @@ async def test_an_ollama_request_carries_its_upstream_span_which_names_the_upstr
     )
     async with running_service(settings) as service:
         client = await service.connect()
-        await client.start()
-        assert (await client.turn("Hello"))[-1]["type"] == "response_complete"
+        session_id = await client.start()
+        frames = await client.turn("Hello")
+        assert frames[-1]["type"] == "response_complete"
         await client.close()
     [turn] = collector.turns()
+    assert {k: turn.attributes[k] for k in WHO} == {
+        "session.id": session_id,
+        "gen_ai.conversation.id": session_id,
+        "gen_ai.provider.name": "ollama",
+        "gen_ai.request.model": DEFAULT_MODEL,
+        "llm_service.response_id": frames[-1]["response_id"],
+    }
     [upstream] = collector.children(turn)["turn.upstream"]
     assert turn.attributes["llm_service.upstream"] == fake_ollama.url
     assert upstream.attributes["llm_service.upstream"] == fake_ollama.url
