@@ -87,3 +87,12 @@ async def test_a_failure_in_the_worker_thread_is_an_upstream_error(
     assert "0/1 workers busy" in (await engine.status()).detail
     items = await answer(engine, "Hello")
     assert any(isinstance(item, str) for item in items) and isinstance(items[-1], StreamEnd)
+
+
+async def test_a_replys_end_counts_the_tokens_the_engine_decoded(engine: LlamaCppBackend) -> None:
+    items = await answer(engine, "Hello")
+    end = items[-1]
+    assert isinstance(end, StreamEnd)
+    # a chunk a token, fewer where one character's bytes span two tokens
+    chunks = sum(isinstance(item, str) for item in items)
+    assert end.completion_tokens is not None and end.completion_tokens >= chunks >= 1

@@ -15,6 +15,7 @@ from llm_service.backends.llamacpp import (
     LlamaCppBackend,
     _trained_context,
     _Workers,
+    cpu_has_amx,
     packaged_model_path,
 )
 from llm_service.errors import EngineBusy, ModelFileError
@@ -344,3 +345,19 @@ def test_a_model_file_without_a_readable_context_length_is_refused_saying_why(
     with pytest.raises(ModelFileError) as error:
         _trained_context(metadata)
     assert str(error.value) == f"the model file does not say its context length ({why})"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "amx"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile amx_int8\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2\n", False),
+        ("model name\t: amx_int8 in a name is not a flag\nflags\t\t: fpu\n", False),
+        (None, False),  # no such file: not Linux, or no /proc
+    ],
+)
+def test_amx_is_read_from_the_cpus_flags(tmp_path: Path, cpuinfo: str | None, amx: bool) -> None:
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    assert cpu_has_amx(str(path)) is amx

@@ -64,10 +64,10 @@ def packaged_model_path(package: str = PACKAGED_MODEL_DIST) -> Path:
     raise ModelFileError(f"the package {package} holds no .gguf file")
 
 
-def cpu_has_amx() -> bool:
-    """Whether the CPU reports Intel AMX (Linux lists it in /proc/cpuinfo)."""
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU reports Intel AMX (Linux lists it among the flags of /proc/cpuinfo)."""
     try:
-        with open("/proc/cpuinfo") as info:
+        with open(cpuinfo) as info:
             return any(line.startswith("flags") and " amx_int8" in line for line in info)
     except OSError:
         return False
