@@ -1,6 +1,7 @@
 """The embedded engine's own failures, with the real packaged model: a turn that finds no free
 worker within LLM_FIRST_TOKEN_TIMEOUT_S gets `timeout`, and an exception in the worker thread
-reaches the turn as `upstream_error`; either way the engine serves the next turn."""
+reaches the turn as `upstream_error`; either way the engine serves the next turn. And what the
+end of a reply reports, and a client's stop sequence reaching llama.cpp."""
 
 from __future__ import annotations
 
@@ -42,13 +43,16 @@ async def engine() -> AsyncIterator[LlamaCppBackend]:
         await backend.aclose()
 
 
-def request(text: str, max_tokens: int = 16) -> ChatRequest:
-    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+def request(text: str, max_tokens: int = 16, stop: tuple[str, ...] = ()) -> ChatRequest:
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop)
     return ChatRequest([ChatMessage("user", text)], sampling, 512)
 
 
-async def answer(engine: LlamaCppBackend, text: str) -> list[StreamItem]:
-    async with asyncio.timeout(LIMIT_S), aclosing(engine.stream_chat(request(text))) as stream:
+async def answer(
+    engine: LlamaCppBackend, text: str, max_tokens: int = 16, stop: tuple[str, ...] = ()
+) -> list[StreamItem]:
+    chat = engine.stream_chat(request(text, max_tokens, stop))
+    async with asyncio.timeout(LIMIT_S), aclosing(chat) as stream:
         return [item async for item in stream]
 
 
@@ -89,10 +93,22 @@ async def test_a_failure_in_the_worker_thread_is_an_upstream_error(
     assert any(isinstance(item, str) for item in items) and isinstance(items[-1], StreamEnd)
 
 
-async def test_a_replys_end_counts_the_tokens_the_engine_decoded(engine: LlamaCppBackend) -> None:
-    items = await answer(engine, "Hello")
+async def test_a_reply_cut_at_max_tokens_says_so_with_its_tokens_and_speed(
+    engine: LlamaCppBackend,
+) -> None:
+    items = await answer(engine, "Write a long story about a dragon.", max_tokens=4)
     end = items[-1]
-    assert isinstance(end, StreamEnd)
+    assert isinstance(end, StreamEnd) and end.done_reason == "length"
     # a chunk a token, fewer where one character's bytes span two tokens
     chunks = sum(isinstance(item, str) for item in items)
     assert end.completion_tokens is not None and end.completion_tokens >= chunks >= 1
+    assert end.engine_tokens_per_second is not None and end.engine_tokens_per_second > 0
+
+
+async def test_a_stop_sequence_ends_the_reply_before_it(engine: LlamaCppBackend) -> None:
+    """Any answer to this has a space within its 16 tokens; stopped at the first, the reply
+    is at most a word."""
+    items = await answer(engine, "Name three colours.", stop=(" ",))
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.done_reason == "stop"
+    assert " " not in "".join(item for item in items if isinstance(item, str))
