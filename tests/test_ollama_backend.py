@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import pytest
@@ -210,12 +210,15 @@ async def test_a_404_without_words_names_only_the_model(
     assert error.message == f"Ollama found no model {DEFAULT_MODEL!r} to pull"
 
 
-async def test_a_pull_from_an_ollama_that_refuses_connections_raises_upstream_unavailable(
-    fake_ollama: FakeOllama, backend: OllamaBackend
+@pytest.mark.parametrize("failed", [pull_error, chat_error], ids=["pull", "chat"])
+async def test_an_ollama_that_refuses_connections_raises_upstream_unavailable(
+    fake_ollama: FakeOllama,
+    backend: OllamaBackend,
+    failed: Callable[[OllamaBackend], Awaitable[EngineError]],
 ) -> None:
-    """A connection error is translated once, naming the engine."""
+    """A connection error is translated once, naming the engine, in a pull as in a chat."""
     await fake_ollama.refuse()
-    error = await pull_error(backend)
+    error = await failed(backend)
     assert type(error) is UpstreamUnavailable
     assert error.message == (
         f"Ollama at {fake_ollama.url} cannot be reached (connection refused or host unreachable)"
@@ -337,17 +340,6 @@ async def test_empty_lines_between_chunks_are_skipped(
     fake_ollama.script(Reply(chunks=["Hi", " there"], blank_lines=True))
     items = await streamed(backend)
     assert items[:-1] == ["Hi", " there"] and isinstance(items[-1], StreamEnd)
-
-
-async def test_a_chat_with_an_ollama_that_refuses_connections_raises_upstream_unavailable(
-    fake_ollama: FakeOllama, backend: OllamaBackend
-) -> None:
-    await fake_ollama.refuse()
-    error = await chat_error(backend)
-    assert type(error) is UpstreamUnavailable
-    assert error.message == (
-        f"Ollama at {fake_ollama.url} cannot be reached (connection refused or host unreachable)"
-    )
 
 
 async def test_a_connection_dropped_mid_reply_raises_upstream_error_naming_the_engine(
