@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -23,6 +23,9 @@ from llm_service.config import Settings
 from llm_service.server import ServiceRunner
 from tests.fakes.backend import FakeBackend
 from tests.process import ROOT, main_command
+
+if TYPE_CHECKING:
+    from llm_service.backends.llamacpp import LlamaCppBackend
 
 RECV_TIMEOUT = 5.0
 
@@ -230,6 +233,24 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+def embedded_engine(model_path: Path | None = None, **settings: Any) -> LlamaCppBackend:
+    """The embedded engine on `model_path` (the packaged model by default), with `settings`
+    over a small CPU setup. Loading blocks: a test on the event loop calls it in a thread."""
+    from llm_service.backends.llamacpp import LlamaCppBackend, packaged_model_path
+
+    chosen: dict[str, Any] = {
+        "context_window": 1024,
+        "threads": 1,
+        "gpu_layers": 0,
+        "workers": 1,
+        "queue_size": 16,
+        "first_token_timeout": 120.0,
+        "cache_bytes": 0,
+        "extra_buffers": None,
+    }
+    return LlamaCppBackend(model_path or packaged_model_path(), **(chosen | settings))
 
 
 def fake_engine(backend: FakeBackend) -> Callable[[Settings], Any]:

@@ -15,9 +15,10 @@ import llama_cpp
 import pytest
 
 from llm_service.backends.base import ChatMessage, ChatRequest, EngineStatus, StreamEnd, StreamItem
-from llm_service.backends.llamacpp import LlamaCppBackend, packaged_model_path
+from llm_service.backends.llamacpp import LlamaCppBackend
 from llm_service.errors import UpstreamError, UpstreamTimeout
 from llm_service.sampling import SamplingParams
+from tests.support import embedded_engine
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +29,7 @@ LIMIT_S = 30  # a bound on each wait for the engine, far above what it takes
 @pytest.fixture
 async def engine() -> AsyncIterator[LlamaCppBackend]:
     backend = await asyncio.to_thread(  # loading blocks: off the event loop, as the app does
-        LlamaCppBackend,
-        packaged_model_path(),
-        context_window=512,
-        threads=1,
-        workers=1,
-        queue_size=4,
-        first_token_timeout=0.5,
-        cache_bytes=0,
+        embedded_engine, context_window=512, queue_size=4, first_token_timeout=0.5
     )
     try:
         yield backend

@@ -12,7 +12,6 @@ import llama_cpp  # noqa: F401
 import pytest
 
 from llm_service.backends.llamacpp import (
-    LlamaCppBackend,
     _trained_context,
     _Workers,
     cpu_has_amx,
@@ -20,7 +19,14 @@ from llm_service.backends.llamacpp import (
 )
 from llm_service.errors import EngineBusy, ModelFileError
 from tests.fakes.ollama import FakeOllama
-from tests.support import Client, RunningService, bound_socket, make_settings, running_service
+from tests.support import (
+    Client,
+    RunningService,
+    bound_socket,
+    embedded_engine,
+    make_settings,
+    running_service,
+)
 from tests.support import tokens_of as texts
 
 pytestmark = pytest.mark.slow
@@ -285,10 +291,47 @@ async def test_a_worker_handed_to_a_turn_cancelled_at_that_moment_goes_back() ->
     assert await workers.acquire() is model
 
 
+@pytest.mark.parametrize("extra_buffers", [False, None])  # None: LLAMACPP_EXTRA_BUFFERS=auto
+async def test_each_setting_reaches_the_loaded_models_and_loading_writes_no_log(
+    capfd: pytest.CaptureFixture[str], extra_buffers: bool | None
+) -> None:
+    from llama_cpp._logger import set_verbose
+
+    from llm_service.backends.llamacpp import extra_buffers_default
+
+    # llama.cpp's log level is the process's: as a verbose model loaded earlier leaves it
+    set_verbose(True)
+    try:
+        backend = await asyncio.to_thread(
+            embedded_engine,
+            context_window=1024,
+            threads=2,  # llama-cpp-python's own choice on this 2-core machine is 1
+            gpu_layers=1,  # its own default is 0; a CPU build keeps every layer on the CPU
+            workers=2,
+            cache_bytes=0,
+            extra_buffers=extra_buffers,
+        )
+    finally:
+        set_verbose(False)
+    try:
+        assert capfd.readouterr() == ("", "")
+        wanted = extra_buffers_default() if extra_buffers is None else extra_buffers
+        assert backend.extra_buffers is wanted
+        assert backend.prompt_cache is None  # LLAMACPP_CACHE_BYTES=0: off
+        assert len(backend._models) == 2
+        for model in backend._models:
+            assert model.n_ctx() == 1024  # not llama-cpp-python's default of 512
+            assert model.n_threads == 2
+            assert model.model_params.n_gpu_layers == 1
+            assert model.model_params.use_extra_bufts is wanted
+    finally:
+        await backend.aclose()
+
+
 def test_a_model_file_that_is_not_there_is_named_in_the_error(tmp_path: Path) -> None:
     missing = tmp_path / "absent.gguf"
     with pytest.raises(ModelFileError) as error:
-        LlamaCppBackend(missing, context_window=512, threads=1)
+        embedded_engine(missing)
     assert str(error.value) == f"model file not found: {missing} (LLAMACPP_MODEL_PATH)"
 
 

@@ -16,9 +16,10 @@ import llama_cpp  # noqa: F401
 import pytest
 
 from llm_service.backends.base import ChatMessage, ChatRequest, StreamEnd
-from llm_service.backends.llamacpp import LlamaCppBackend, packaged_model_path
+from llm_service.backends.llamacpp import LlamaCppBackend
 from llm_service.backends.prompt_cache import SavedPrompt
 from llm_service.sampling import SamplingParams
+from tests.support import embedded_engine
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +34,7 @@ def system(name: str) -> ChatMessage:
 
 async def load(cache_bytes: int) -> LlamaCppBackend:
     return await asyncio.to_thread(  # loading blocks: off the event loop, as the app does
-        LlamaCppBackend,
-        packaged_model_path(),
-        context_window=WINDOW,
-        threads=2,
-        workers=1,
-        cache_bytes=cache_bytes,
+        embedded_engine, context_window=WINDOW, threads=2, cache_bytes=cache_bytes
     )
 
 

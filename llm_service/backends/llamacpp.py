@@ -203,7 +203,10 @@ class _Workers:
 
 
 class LlamaCppBackend:
-    """Streams chat replies from a GGUF model loaded in this process."""
+    """Streams chat replies from a GGUF model loaded in this process.
+
+    It keeps no defaults of its own: `load_llamacpp` gives it every setting, from `Settings`
+    (`extra_buffers=None` is LLAMACPP_EXTRA_BUFFERS=auto)."""
 
     name = "llamacpp"
     label = "embedded"
@@ -218,12 +221,12 @@ class LlamaCppBackend:
         *,
         context_window: int,
         threads: int,
-        gpu_layers: int = 0,
-        workers: int = 1,
-        queue_size: int = 16,
-        first_token_timeout: float = 120.0,
-        cache_bytes: int = 0,
-        extra_buffers: bool | None = None,
+        gpu_layers: int,
+        workers: int,
+        queue_size: int,
+        first_token_timeout: float,
+        cache_bytes: int,
+        extra_buffers: bool | None,
     ) -> None:
         import llama_cpp
         from llama_cpp import Llama, _internals
