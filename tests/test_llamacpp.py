@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -299,13 +300,14 @@ async def test_each_setting_reaches_the_loaded_models_and_loading_writes_no_log(
 
     from llm_service.backends.llamacpp import extra_buffers_default
 
+    threads = max((os.cpu_count() or 1) // 2, 1) + 1  # not llama-cpp-python's own choice
     # llama.cpp's log level is the process's: as a verbose model loaded earlier leaves it
     set_verbose(True)
     try:
         backend = await asyncio.to_thread(
             embedded_engine,
             context_window=1024,
-            threads=2,  # llama-cpp-python's own choice on this 2-core machine is 1
+            threads=threads,
             gpu_layers=1,  # its own default is 0; a CPU build keeps every layer on the CPU
             workers=2,
             cache_bytes=0,
@@ -321,7 +323,7 @@ async def test_each_setting_reaches_the_loaded_models_and_loading_writes_no_log(
         assert len(backend._models) == 2
         for model in backend._models:
             assert model.n_ctx() == 1024  # not llama-cpp-python's default of 512
-            assert model.n_threads == 2
+            assert model.n_threads == threads
             assert model.model_params.n_gpu_layers == 1
             assert model.model_params.use_extra_bufts is wanted
     finally:
